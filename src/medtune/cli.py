@@ -1,0 +1,114 @@
+"""The `medtune` command line. Only dispatch lives here: each command's work is in its own module, imported
+when the command runs, so `medtune --help` starts instantly without importing torch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from medtune import __version__
+from medtune.errors import ConfigError, MedtuneError
+
+
+def init_model(argv: list[str]) -> int:
+    import argparse
+
+    from medtune.models.tiny import ARCHS
+
+    parser = argparse.ArgumentParser(
+        prog="medtune init-model",
+        description="Build a tiny randomly initialised model offline: a byte-level BPE tokenizer trained on the "
+                    "bundled medical corpus, with the family's special tokens and chat template, and a model of a "
+                    "few million parameters. Deterministic for a given seed.",
+    )
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="glm4",
+                        help="glm4: GLM-4-9B-Chat layout (GlmForCausalLM); qwen2: Qwen2/2.5; llama: Llama-3.")
+    parser.add_argument("--out", required=True, help="Output folder.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default 0).")
+    args = parser.parse_args(argv)
+    from medtune.models.tiny import build_tiny_model
+
+    print(build_tiny_model(args.arch, args.out, args.seed))
+    return 0
+
+
+def data(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: medtune data check PATH... [options]\n\n"
+              "  check   validate data files and print counts, token-length percentiles and every problem")
+        return 0
+    if argv[0] != "check":
+        raise ConfigError(f"unknown data command {argv[0]!r}; use `medtune data check PATH...`")
+    from medtune.data.check import main as check
+
+    return check(argv[1:])
+
+
+def pt(argv: list[str]) -> int:
+    from medtune.config import parse_arguments
+    from medtune.stages import pt as stage
+
+    stage.run_pt(*parse_arguments(stage.ARGUMENT_TYPES, argv, prog="medtune pt", description=stage.DESCRIPTION))
+    return 0
+
+
+def merge(argv: list[str]) -> int:
+    from medtune.config import parse_arguments
+    from medtune.stages import merge as stage
+
+    (merge_args,) = parse_arguments(stage.ARGUMENT_TYPES, argv, prog="medtune merge", description=stage.DESCRIPTION)
+    stage.run_merge(merge_args)
+    return 0
+
+
+def pipeline(argv: list[str]) -> int:
+    from medtune import pipeline as orchestration
+
+    return orchestration.main(argv)
+
+
+# command -> (handler, one-line description)
+COMMANDS = {
+    "init-model": (init_model, "Build an embedded tiny model (GLM-4, Qwen2 or Llama layout) offline."),
+    "data": (data, "Data tools: `medtune data check PATH...` validates and describes data files."),
+    "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
+    "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
+    "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
+}
+
+
+def usage() -> str:
+    lines = [f"usage: medtune <command> [options]   (medtune {__version__})", "", "commands:"]
+    lines += [f"  {name:<12} {description}" for name, (_, description) in COMMANDS.items()]
+    lines += ["", "`medtune <command> --help` lists a command's options. Training stages also take "
+                  "`--config FILE.yaml`;", "command-line options override the file."]
+    return "\n".join(lines)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"medtune: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        return int(COMMANDS[command][0](rest) or 0)
+    except MedtuneError as exc:
+        for line in str(exc).splitlines():
+            print(f"medtune: error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medtune: interrupted", file=sys.stderr)
+        return 130

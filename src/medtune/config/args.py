@@ -1,0 +1,205 @@
+"""Configuration dataclasses shared by every stage.
+
+Names follow MedicalGPT and the book where they exist, so existing YAML and shell scripts keep working.
+Each option is declared once here; a stage combines the dataclasses it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from medtune.errors import ConfigError
+
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The book passes --model_type chatglm/glm4/qwen/llama; we accept them for compatibility and use them only for
+# sanity checks, since the model's own config.json says what it is.
+MODEL_TYPES = ("auto", "chatglm", "glm", "glm4", "qwen", "qwen2", "llama", "llama3")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelArguments:
+    """Which model and tokenizer to load, and how."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local model directory (or hub id with network). Default: the embedded tiny GLM-4 model, "
+                          "built on first use."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer directory if it differs from the model's."}
+    )
+    model_type: str = field(default="auto", metadata={"help": f"Accepted for compatibility: {', '.join(MODEL_TYPES)}."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bf16/fp16 when that flag is set, else float32), float32, "
+                          "bfloat16, float16."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped inside the model folder. Off by default: opt in only for "
+                          "models you trust that transformers cannot load natively."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: transformers' choice)."}
+    )
+
+    def __post_init__(self):
+        _check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
+        _check_choice("model_type", self.model_type, MODEL_TYPES)
+
+
+@dataclass
+class LoraArguments:
+    """LoRA through peft (the default) or full fine-tuning (`--use_peft false`)."""
+
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter; false trains every weight."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt, e.g. q_proj v_proj. Default (or 'all'): every linear layer "
+                          "except the output head."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (effective scale alpha/r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. embed_tokens lm_head."}
+    )
+
+    def __post_init__(self):
+        if self.lora_rank <= 0:
+            raise ConfigError(f"lora_rank must be positive, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+REMAINDER_MODES = ("pad", "drop")
+
+
+@dataclass
+class PretrainDataArguments:
+    """Continued-pretraining text: where it is and how it becomes fixed-length blocks."""
+
+    train_file_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder (or file) of .txt (one document per non-empty line) and .jsonl/.json files "
+                          "with a 'text' field. Default: the bundled medical corpus data/pretrain."},
+    )
+    validation_file_dir: str | None = field(
+        default=None, metadata={"help": "Held-out text in the same formats; otherwise a split of the training files."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` name or local dataset folder with a 'text' column (needs "
+                                        "network for hub names); used instead of train_file_dir."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of training documents held out for evaluation when no "
+                                       "validation_file_dir is given (0 disables evaluation)."},
+    )
+    block_size: int = field(default=1024, metadata={"help": "Tokens per training block."})
+    remainder: str = field(
+        default="pad",
+        metadata={"help": "The last partial block: 'pad' keeps it (padding is masked from the loss), 'drop' "
+                          "discards it. Either way the count is logged."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read, tokenize and group the corpus on the fly (for corpora larger than memory); needs "
+                          "max_steps. Evaluation then uses validation_file_dir only."},
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenized blocks are cached (default ~/.cache/medtune/tokenized)."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cache entry exists."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many evaluation blocks."})
+
+    def __post_init__(self):
+        _check_choice("remainder", self.remainder, REMAINDER_MODES)
+        if self.block_size <= 1:
+            raise ConfigError(f"block_size must be at least 2, got {self.block_size}")
+        if not 0.0 <= self.validation_split_percentage < 100.0:
+            raise ConfigError("validation_split_percentage must be in [0, 100)")
+
+
+@dataclass
+class StageTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments (every Trainer option) with medtune's defaults and additions, shared by
+    every training stage."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints and results go."})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Loggers; TensorBoard event files go to output_dir/runs."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log loss, grad_norm and learning rate every N steps."})
+    eval_strategy: str = field(
+        default="steps", metadata={"help": "When to evaluate: steps, epoch or no (off when there is no eval set)."}
+    )
+    eval_on_start: bool = field(
+        default=True, metadata={"help": "Evaluate once before training, so the improvement is on record."}
+    )
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'true' for the latest checkpoint in output_dir (starts fresh "
+                          "if there is none)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without a lower eval loss (needs an eval set); the "
+                          "best checkpoint is loaded at the end."},
+    )
+
+    def __post_init__(self):
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ConfigError("early_stopping_patience must be at least 1")
+            # The Trainer needs the best checkpoint tracked by eval loss for early stopping to mean anything.
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        super().__post_init__()
+
+
+@dataclass
+class PretrainTrainingArguments(StageTrainingArguments):
+    output_dir: str = field(default="outputs/pt", metadata={"help": "Where checkpoints and results go."})
+
+
+@dataclass
+class MergeArguments:
+    """Fold a LoRA adapter into its base model and save a standalone model."""
+
+    base_model: str | None = field(default=None, metadata={"help": "The base model directory (default: the "
+                                                                    "base recorded in the adapter)."})
+    lora_model: str = field(default="", metadata={"help": "The LoRA adapter directory (e.g. a pt output_dir)."})
+    output_dir: str = field(default="", metadata={"help": "Where the merged model goes (must not be the base "
+                                                         "model's folder)."})
+    model_type: str = field(default="auto", metadata={"help": f"Accepted for compatibility: {', '.join(MODEL_TYPES)}."})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer to save with the merged model "
+                                                                       "(default: the adapter's, else the base's)."})
+    torch_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (auto: the base's)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code shipped in the model folder."})
+    check_tolerance: float = field(
+        default=1e-4, metadata={"help": "Largest allowed |logit difference| between base+adapter and the merged "
+                                        "model on a probe input (checked in float32)."},
+    )
+
+    def __post_init__(self):
+        if not self.lora_model:
+            raise ConfigError("merge needs --lora_model (the adapter folder)")
+        if not self.output_dir:
+            raise ConfigError("merge needs --output_dir (a new folder for the merged model)")
+        _check_choice("model_type", self.model_type, MODEL_TYPES)
+        _check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)

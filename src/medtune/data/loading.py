@@ -1,0 +1,94 @@
+"""Load files of any supported format into internal records, validating every record first.
+
+`load_records(location, kind)` returns the converted records or raises one `DataError` listing every problem
+as `file:line: field: message` — always before a model is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medtune.data.readers import (
+    JSON_SUFFIXES,
+    TEXT_SUFFIXES,
+    list_data_files,
+    raise_if_problems,
+    read_json_records,
+    read_text_lines,
+)
+from medtune.data.records import FORMAT_KEYS, FORMAT_KIND, RecordProblem, TextDocument, convert, detect_format
+from medtune.errors import Problem
+
+KIND_SUFFIXES = {"text": TEXT_SUFFIXES + JSON_SUFFIXES, "sft": JSON_SUFFIXES, "preference": JSON_SUFFIXES}
+KIND_COMMAND = {"text": "medtune pt", "sft": "medtune sft", "preference": "medtune dpo"}
+
+
+@dataclass
+class FileReport:
+    """What one file held: its format and how many records were read."""
+
+    path: str
+    format: str
+    records: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _file_format(records: list[tuple[int, object]], forced: str | None) -> str | None:
+    if forced:
+        return forced
+    for _, record in records:
+        fmt = detect_format(record)
+        if fmt:
+            return fmt
+    return None
+
+
+def read_file(path: Path, kind: str | None, data_format: str | None = None) -> tuple[list, FileReport]:
+    """Convert one file's records; `kind` None accepts any format (used by `medtune data check`)."""
+    problems: list[Problem] = []
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        items = [TextDocument(text, f"{path}:{line}") for line, text in read_text_lines(path, problems)]
+        report = FileReport(str(path), "text", len(items), problems)
+        if kind not in (None, "text"):
+            report.problems.append(Problem(str(path), None, None, f"plain text cannot be used by {KIND_COMMAND[kind]}"))
+        return items, report
+
+    raw = list(read_json_records(path, problems))
+    fmt = _file_format(raw, data_format)
+    report = FileReport(str(path), fmt or "unknown", 0, problems)
+    if fmt is None:
+        if raw:
+            line, first = raw[0]
+            found = ", ".join(sorted(first)) if isinstance(first, dict) else type(first).__name__
+            known = "; ".join(f"{name}: {'+'.join(keys)}" for name, keys in FORMAT_KEYS.items())
+            problems.append(Problem(str(path), line, None, f"unrecognised record (fields: {found}); expected one of "
+                                                           f"{known}"))
+        return [], report
+    if kind is not None and FORMAT_KIND[fmt] != kind:
+        problems.append(Problem(str(path), raw[0][0] if raw else None, None,
+                                f"holds {fmt} records, which are for {KIND_COMMAND[FORMAT_KIND[fmt]]}, not "
+                                f"{KIND_COMMAND[kind]}"))
+        return [], report
+    items = []
+    for line, record in raw:
+        try:
+            item = convert(record, fmt)
+        except RecordProblem as exc:
+            problems.append(Problem(str(path), line, exc.field, exc.message))
+            continue
+        item.source = f"{path}:{line}"
+        items.append(item)
+    report.records = len(items)
+    return items, report
+
+
+def load_records(location: str | Path, kind: str, data_format: str | None = None) -> tuple[list, list[FileReport]]:
+    """All records of `kind` (text, sft or preference) under `location`; raises DataError listing every problem."""
+    items, reports = [], []
+    for path in list_data_files(location, KIND_SUFFIXES[kind]):
+        file_items, report = read_file(path, kind, data_format)
+        items += file_items
+        reports.append(report)
+    raise_if_problems([p for r in reports for p in r.problems])
+    return items, reports

@@ -1,0 +1,182 @@
+"""Continued-pretraining datasets: validated documents -> cached train/eval blocks (or a stream of blocks).
+
+Tokenize once: the grouped blocks are saved under a cache key made of the documents, the tokenizer, the block
+size and the remainder rule, so a re-run or a resume loads them instead of tokenizing again. Under torchrun the
+caller wraps this in `main_process_first`, so rank 0 builds the cache while the other ranks wait, then read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
+from medtune.data.loading import KIND_SUFFIXES, load_records, read_file
+from medtune.data.readers import list_data_files, raise_if_problems, read_json_records, read_text_lines
+from medtune.data.records import TextDocument
+from medtune.errors import DataError, Problem
+from medtune.paths import bundled_data_dir, cache_dir
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+FEATURES = ("input_ids", "attention_mask", "labels")
+
+
+def load_documents(data_args) -> tuple[list[TextDocument], list[TextDocument]]:
+    """Training and evaluation documents, every record validated (DataError lists all problems)."""
+    if data_args.dataset_name:
+        train = _documents_from_datasets(data_args.dataset_name, data_args.dataset_config_name)
+    else:
+        train, _ = load_records(data_args.train_file_dir or bundled_data_dir("pretrain"), "text")
+    if data_args.validation_file_dir:
+        evaluation, _ = load_records(data_args.validation_file_dir, "text")
+    else:
+        train, evaluation = split_documents(train, data_args.validation_split_percentage)
+    return train, evaluation
+
+
+def split_documents(documents: list, percentage: float, seed: int = 42) -> tuple[list, list]:
+    """Hold out `percentage` of the documents (whole documents, so no text is in both splits)."""
+    if percentage <= 0 or len(documents) < 2:
+        return documents, []
+    count = min(len(documents) - 1, max(1, round(len(documents) * percentage / 100)))
+    held_out = set(random.Random(seed).sample(range(len(documents)), count))
+    train = [d for i, d in enumerate(documents) if i not in held_out]
+    return train, [d for i, d in enumerate(documents) if i in held_out]
+
+
+def _documents_from_datasets(name: str, config_name: str | None) -> list[TextDocument]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config_name, split="train")
+    except Exception as exc:  # datasets raises many types (network, missing files, bad config)
+        raise DataError([Problem(name, None, None, f"cannot load dataset ({str(exc).splitlines()[0]})")]) from None
+    if "text" not in dataset.column_names:
+        raise DataError([Problem(name, None, "text", f"missing column (columns: {', '.join(dataset.column_names)})")])
+    documents, problems = [], []
+    for row, text in enumerate(dataset["text"]):
+        if not isinstance(text, str) or not text.strip():
+            problems.append(Problem(name, row + 1, "text", "empty" if isinstance(text, str) else "not a string"))
+        else:
+            documents.append(TextDocument(text, f"{name}[row {row + 1}]"))
+    raise_if_problems(problems)
+    return documents
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{payload}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}".encode()).hexdigest()
+
+
+def cache_key(train: list[TextDocument], evaluation: list[TextDocument], tokenizer, data_args) -> str:
+    digest = hashlib.sha256()
+    for split in (train, evaluation):
+        for document in split:
+            digest.update(document.text.encode("utf-8"))
+            digest.update(b"\0")
+        digest.update(b"\1")
+    settings = f"v{CACHE_VERSION}|{data_args.block_size}|{data_args.remainder}|{tokenizer_fingerprint(tokenizer)}"
+    digest.update(settings.encode())
+    return digest.hexdigest()[:20]
+
+
+def _build_split(documents: list[TextDocument], tokenizer, data_args, scratch: Path, name: str):
+    import datasets
+
+    stats = BlockStats()
+
+    def generate():
+        texts = (d.text for d in documents)
+        yield from iter_blocks(tokenize_texts(texts, tokenizer), data_args.block_size, data_args.remainder,
+                               tokenizer.pad_token_id, stats)
+
+    features = datasets.Features({k: datasets.Sequence(datasets.Value("int32")) for k in FEATURES})
+    dataset = datasets.Dataset.from_generator(generate, features=features, cache_dir=str(scratch / name),
+                                              fingerprint=f"{name}-{scratch.name}")
+    return dataset, stats
+
+
+def prepare_block_datasets(data_args, tokenizer) -> tuple[object, object | None, dict]:
+    """(train blocks, eval blocks or None, statistics), from the cache when possible."""
+    import datasets
+
+    train_docs, eval_docs = load_documents(data_args)
+    key = cache_key(train_docs, eval_docs, tokenizer, data_args)
+    entry = Path(data_args.data_cache_dir or cache_dir("tokenized")) / key
+    if entry.is_dir() and (entry / "stats.json").is_file() and not data_args.overwrite_cache:
+        logger.info("loading tokenized blocks from cache %s", entry)
+    else:
+        scratch = entry.with_name(entry.name + ".building")
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(entry, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        stats = {}
+        for name, documents in (("train", train_docs), ("eval", eval_docs)):
+            if not documents:
+                continue
+            logger.info("tokenizing %d %s documents into blocks of %d tokens", len(documents), name,
+                        data_args.block_size)
+            dataset, split_stats = _build_split(documents, tokenizer, data_args, scratch, name)
+            dataset.save_to_disk(str(scratch / f"{name}_blocks"))
+            stats[name] = split_stats.to_dict()
+        (scratch / "stats.json").write_text(json.dumps(stats, indent=2))
+        for name in ("train", "eval"):
+            shutil.rmtree(scratch / name, ignore_errors=True)  # the generator's scratch cache
+        scratch.rename(entry)
+    stats = json.loads((entry / "stats.json").read_text())
+    train = datasets.load_from_disk(str(entry / "train_blocks"))
+    evaluation = datasets.load_from_disk(str(entry / "eval_blocks")) if "eval" in stats else None
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
+    _log_stats(stats)
+    return train, evaluation, stats
+
+
+def _log_stats(stats: dict) -> None:
+    for name, split in stats.items():
+        logger.info(
+            "%s: %d documents, %d tokens -> %d blocks; final partial block: %d padding tokens added, %d tokens "
+            "dropped; real-token fraction %.4f", name, split["documents"], split["tokens"], split["blocks"],
+            split["padded_tokens"], split["dropped_tokens"], split["real_token_fraction"],
+        )
+
+
+def validate_stream_sources(location: str | Path) -> list[Path]:
+    """A streaming run still checks every record before training (one file in memory at a time)."""
+    files = list_data_files(location, KIND_SUFFIXES["text"])
+    problems: list[Problem] = []
+    for path in files:
+        problems += read_file(path, "text")[1].problems
+    raise_if_problems(problems)
+    return files
+
+
+def stream_block_dataset(data_args, tokenizer):
+    """An IterableDataset of blocks read lazily from the training files (for corpora larger than memory)."""
+    import datasets
+
+    files = validate_stream_sources(data_args.train_file_dir or bundled_data_dir("pretrain"))
+
+    def texts() -> Iterator[str]:
+        sink: list[Problem] = []  # already validated above
+        for path in files:
+            if path.suffix == ".txt":
+                yield from (text for _, text in read_text_lines(path, sink))
+            else:
+                yield from (record["text"] for _, record in read_json_records(path, sink))
+
+    def generate():
+        yield from iter_blocks(tokenize_texts(texts(), tokenizer), data_args.block_size, data_args.remainder,
+                               tokenizer.pad_token_id)
+
+    return datasets.IterableDataset.from_generator(generate)

@@ -1,0 +1,99 @@
+"""Low-level readers: files -> (line number, raw record), reporting encoding and JSON problems as `Problem`s.
+
+Readers never raise on a bad record; they collect problems so one run can report all of them, and the caller
+raises `DataError` before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from medtune.errors import DataError, Problem
+
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def list_data_files(location: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files with one of `suffixes` under `location` (a file or a folder, searched recursively), sorted."""
+    path = Path(location).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        raise DataError([Problem(str(path), None, None, "no such file or folder")])
+    matched = [p for p in files if p.suffix.lower() in suffixes]
+    if not matched:
+        raise DataError([Problem(str(path), None, None, f"no {'/'.join(suffixes)} files found")])
+    return matched
+
+
+def _decode_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, text) pairs; a line that is not UTF-8 becomes a problem, not a crash."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # tolerate a UTF-8 byte-order mark (Windows editors add one)
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(Problem(str(path), number, None,
+                                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                        "re-save the file as UTF-8"))
+
+
+def read_text_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
+    """Non-empty lines of a plain-text file; each line is one document."""
+    for number, line in _decode_lines(path, problems):
+        text = line.strip()
+        if text:
+            yield number, text
+
+
+def _read_json_array(path: Path, text: str, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            problems.append(Problem(str(path), text.count("\n") + 1, None, "JSON array is not closed with ']'"))
+            return
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(str(path), exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+            return
+        yield line, record
+
+
+def read_json_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+    """Records of a JSON Lines file, or of a .json file holding one array of records (or JSON Lines)."""
+    if path.suffix.lower() == ".json":
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(str(path), None, None, f"not valid UTF-8 ({exc.reason}); re-save as UTF-8"))
+            return
+        if text.lstrip().startswith("["):
+            yield from _read_json_array(path, text, problems)
+            return
+    for number, line in _decode_lines(path, problems):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(str(path), number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+
+
+def raise_if_problems(problems: list[Problem]) -> None:
+    if problems:
+        raise DataError(problems)

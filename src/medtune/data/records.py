@@ -1,0 +1,200 @@
+"""The internal shapes every input format is converted into, and the converters that validate on the way.
+
+- pretraining text  -> `TextDocument(text)`
+- SFT conversations -> `Conversation(messages=[{role, content}, ...])`   (ShareGPT, OpenAI messages, Alpaca)
+- preference pairs  -> `PreferencePair(prompt=[...messages], chosen, rejected)` (book, conversations, HF)
+
+Each object carries `source` ("file:line") so any later error can name the record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class TextDocument:
+    text: str
+    source: str = ""
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    source: str = ""
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RecordProblem(Exception):
+    """A record that cannot be converted; `field` names the offending key (dotted for nested ones)."""
+
+    def __init__(self, field_name: str | None, message: str):
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+# Which keys identify which format; checked in this order (preference formats first: they are supersets).
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "preference": ("question", "response_chosen", "response_rejected"),
+    "preference_conversations": ("conversations", "chosen", "rejected"),
+    "preference_hf": ("prompt", "chosen", "rejected"),
+    "sharegpt": ("conversations",),
+    "openai": ("messages",),
+    "alpaca": ("instruction",),
+    "text": ("text",),
+}
+FORMAT_KIND = {
+    "preference": "preference", "preference_conversations": "preference", "preference_hf": "preference",
+    "sharegpt": "sft", "openai": "sft", "alpaca": "sft", "text": "text",
+}
+
+
+def detect_format(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    for name, keys in FORMAT_KEYS.items():
+        if all(k in record for k in keys):
+            return name
+    return None
+
+
+def _text(record: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    if key not in record or record[key] is None:
+        if required:
+            raise RecordProblem(key, "missing")
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise RecordProblem(key, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordProblem(key, "empty")
+    return value
+
+
+def _pairs(record: dict, key: str) -> list[dict[str, str]]:
+    """A `history` of [question, answer] pairs -> alternating user/assistant messages."""
+    value = record.get(key) or []
+    if not isinstance(value, list):
+        raise RecordProblem(key, f"expected a list of [question, answer] pairs, got {type(value).__name__}")
+    messages = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise RecordProblem(f"{key}[{i}]", "expected a [question, answer] pair of non-empty strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def check_turn_order(messages: list[dict[str, str]], key: str, *, end_with: str) -> None:
+    """System (optional) first, then user and assistant strictly alternating, ending with `end_with`."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise RecordProblem(key, "no user or assistant turns")
+    for i, message in enumerate(body):
+        index = i + (len(messages) - len(body))
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] == "system":
+            raise RecordProblem(f"{key}[{index}]", "a system turn is only allowed first")
+        if message["role"] != expected:
+            raise RecordProblem(f"{key}[{index}]", f"expected a {expected} turn here, got two {message['role']} "
+                                                   "turns in a row")
+    if body[-1]["role"] != end_with:
+        raise RecordProblem(key, f"must end with a{'n' if end_with == 'assistant' else ''} {end_with} turn")
+
+
+def _messages(record: dict, key: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise RecordProblem(key, f"expected a list of turns, got {type(turns).__name__}")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordProblem(where, f"expected an object with {role_key!r} and {content_key!r}")
+        role = turn.get(role_key)
+        if role not in ROLE_ALIASES:
+            raise RecordProblem(f"{where}.{role_key}", f"unknown role {role!r} (use one of "
+                                                       f"{', '.join(sorted(ROLE_ALIASES))})")
+        content = _text(turn, content_key)
+        messages.append({"role": ROLE_ALIASES[role], "content": content})
+    return messages
+
+
+def to_document(record: dict) -> TextDocument:
+    return TextDocument(_text(record, "text"))
+
+
+def to_conversation(record: dict, fmt: str) -> Conversation:
+    if fmt == "sharegpt":
+        messages = _messages(record, "conversations", "from", "value")
+        check_turn_order(messages, "conversations", end_with="assistant")
+    elif fmt == "openai":
+        messages = _messages(record, "messages", "role", "content")
+        check_turn_order(messages, "messages", end_with="assistant")
+    elif fmt == "alpaca":
+        system = _text(record, "system", required=False, allow_empty=True)
+        query = _text(record, "instruction")
+        extra_input = _text(record, "input", required=False, allow_empty=True)
+        if extra_input.strip():
+            query = f"{query}\n{extra_input}"
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + _pairs(record, "history")
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": _text(record, "output")}]
+    else:
+        raise RecordProblem(None, f"format {fmt!r} is not a conversation format")
+    return Conversation(messages)
+
+
+def _response(record: dict, key: str) -> str:
+    """A chosen/rejected answer: a string, one assistant message, or a one-message list."""
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        content = value.get("value", value.get("content"))
+        if not isinstance(content, str) or not content.strip():
+            raise RecordProblem(key, "expected an assistant message with non-empty content")
+        return content
+    return _text(record, key)
+
+
+def to_preference(record: dict, fmt: str) -> PreferencePair:
+    if fmt == "preference":
+        system = _text(record, "system", required=False, allow_empty=True)
+        prompt = ([{"role": "system", "content": system}] if system.strip() else []) + _pairs(record, "history")
+        prompt.append({"role": "user", "content": _text(record, "question")})
+        chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
+    elif fmt in ("preference_conversations", "preference_hf"):
+        key = "conversations" if fmt == "preference_conversations" else "prompt"
+        if fmt == "preference_hf" and isinstance(record.get("prompt"), str):
+            prompt = [{"role": "user", "content": _text(record, "prompt")}]
+        else:
+            role_key, content_key = ("from", "value") if fmt == "preference_conversations" else ("role", "content")
+            prompt = _messages(record, key, role_key, content_key)
+            check_turn_order(prompt, key, end_with="user")
+        chosen, rejected = _response(record, "chosen"), _response(record, "rejected")
+    else:
+        raise RecordProblem(None, f"format {fmt!r} is not a preference format")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def convert(record: Any, fmt: str):
+    """Convert one raw record of format `fmt` into its internal shape; raises `RecordProblem`."""
+    if not isinstance(record, dict):
+        raise RecordProblem(None, f"expected a JSON object, got {type(record).__name__}")
+    kind = FORMAT_KIND[fmt]
+    if kind == "text":
+        return to_document(record)
+    if kind == "sft":
+        return to_conversation(record, fmt)
+    return to_preference(record, fmt)

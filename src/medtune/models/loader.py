@@ -1,0 +1,124 @@
+"""Load tokenizers and models from local folders (or hub ids), attach LoRA, and decide dtype and remote code.
+
+Every stage, evaluation and serving path loads through here, so a policy (dtype, `trust_remote_code`, padding
+side) is decided once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from medtune.errors import ConfigError, MedtuneError
+
+logger = logging.getLogger(__name__)
+
+# Families whose fp16 training is known to give NaN / zero loss (LLaMA-Factory #4116, #4202).
+_FP16_UNSAFE = ("glm", "glm4", "chatglm")
+
+
+def resolve_model_path(model_name_or_path: str | None) -> str:
+    """The model to load: the given path, or the embedded tiny GLM-4 model when none is given."""
+    if model_name_or_path:
+        return model_name_or_path
+    from medtune.models.tiny import default_model_dir
+
+    path = default_model_dir("glm4")
+    logger.info("no --model_name_or_path given: using the embedded tiny GLM-4 model at %s", path)
+    return str(path)
+
+
+def read_model_config(path: str) -> dict:
+    config_file = Path(path) / "config.json"
+    if Path(path).exists() and not config_file.is_file():
+        raise MedtuneError(f"{path}: not a model folder (no config.json)")
+    if not config_file.is_file():
+        return {}  # a hub id: transformers will fetch (needs network) and report its own errors
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MedtuneError(f"{config_file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse, with the fix, a model that transformers can only load by running code from the model folder."""
+    from transformers import CONFIG_MAPPING
+
+    config = read_model_config(path)
+    model_type = config.get("model_type")
+    if config.get("auto_map") and model_type not in CONFIG_MAPPING and not trust_remote_code:
+        raise ConfigError(
+            f"{path}: model_type {model_type!r} needs the Python code shipped in the model folder; pass "
+            "--trust_remote_code true if you trust it (or use the '-hf' checkpoint that transformers loads natively)"
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    check_remote_code(path, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MedtuneError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        # Padding never contributes to the loss (labels are -100 there), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(torch_dtype: str, bf16: bool = False, fp16: bool = False):
+    import torch
+
+    if torch_dtype == "auto":
+        if bf16:
+            return torch.bfloat16
+        if fp16:
+            return torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[torch_dtype]
+
+
+def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = None, bf16: bool = False, fp16: bool = False):
+    """A causal LM on the CPU (the Trainer or accelerate moves it), in the requested dtype."""
+    from transformers import AutoModelForCausalLM
+
+    check_remote_code(path, trust_remote_code)
+    model_type = read_model_config(path).get("model_type", "")
+    if fp16 and model_type in _FP16_UNSAFE:
+        logger.warning("fp16 training of %s models is known to give NaN or zero loss; prefer --bf16 true", model_type)
+    dtype = resolve_dtype(torch_dtype, bf16, fp16)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise MedtuneError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+
+
+def attach_lora(model, lora_args):
+    """Wrap `model` with a fresh LoRA adapter; default targets are all linear layers except the output head."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = lora_args.target_modules
+    if not targets or targets == ["all"]:
+        targets = "all-linear"
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_args.lora_rank,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=lora_args.modules_to_save,
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA: {str(exc).splitlines()[0]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)", lora_args.lora_rank,
+                lora_args.lora_alpha, targets, trainable, total, 100 * trainable / total)
+    return model

@@ -1,0 +1,83 @@
+"""`medtune pt`: continued pretraining on raw medical text (LoRA by default, or full fine-tuning).
+
+documents -> token blocks (cached) -> causal-LM Trainer with perplexity and token accuracy -> adapter or model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from medtune.config import LoraArguments, ModelArguments, PretrainDataArguments, PretrainTrainingArguments
+from medtune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ARGUMENT_TYPES = (ModelArguments, LoraArguments, PretrainDataArguments, PretrainTrainingArguments)
+DESCRIPTION = "Continued pretraining on raw text: tokenize, group into blocks, train (LoRA or full)."
+
+
+def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: PretrainDataArguments,
+           training_args: PretrainTrainingArguments) -> dict:
+    """Train and save into training_args.output_dir; returns the final evaluation metrics."""
+    from medtune.data.collators import BlockCollator
+    from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
+    from medtune.models.loader import attach_lora, load_model, load_tokenizer, resolve_model_path
+    from medtune.stages.common import (
+        MedtuneTrainer,
+        argmax_logits,
+        configure_evaluation,
+        finish_training,
+        prepare_training,
+        save_run_config,
+        token_accuracy,
+    )
+
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ConfigError("streaming needs --max_steps (a stream has no length to count epochs by)")
+    resume = prepare_training(training_args)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    model_args.model_name_or_path = model_path  # the effective config records what was really used
+    save_run_config(training_args, (model_args, lora_args, data_args, training_args))
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
+
+    # Validation and tokenization happen before the model is loaded: bad data fails fast and cheap.
+    with training_args.main_process_first(desc="tokenizing the corpus"):
+        if data_args.streaming:
+            train_set, eval_set, stats = stream_block_dataset(data_args, tokenizer), None, {}
+            if data_args.validation_file_dir:
+                eval_set, _, stats = prepare_block_datasets(_eval_only(data_args), tokenizer)
+        else:
+            train_set, eval_set, stats = prepare_block_datasets(data_args, tokenizer)
+    callbacks = configure_evaluation(training_args, eval_set is not None)
+
+    model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
+                       attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
+                       fp16=training_args.fp16)
+    if training_args.gradient_checkpointing:
+        model.config.use_cache = False
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False}  # the reentrant variant needs inputs that require grad, which LoRA lacks
+    if lora_args.use_peft:
+        model = attach_lora(model, lora_args)
+
+    trainer = MedtuneTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        data_collator=BlockCollator(tokenizer.pad_token_id),
+        compute_metrics=token_accuracy if eval_set is not None else None,
+        preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats})
+
+
+def _eval_only(data_args: PretrainDataArguments) -> PretrainDataArguments:
+    """Data arguments whose training files are the validation files (to build an eval set next to a stream)."""
+    from dataclasses import replace
+
+    return replace(data_args, train_file_dir=data_args.validation_file_dir, validation_file_dir=None,
+                   dataset_name=None, validation_split_percentage=0.0, streaming=False)
