@@ -80,6 +80,7 @@ def read_file(path: Path, kind: str | None, data_format: str | None = None) -> t
         item.source = f"{path}:{line}"
         items.append(item)
     report.records = len(items)
+    problems.sort(key=lambda p: p.line or 0)
     return items, report
 
 

@@ -104,17 +104,20 @@ def check_turn_order(messages: list[dict[str, str]], key: str, *, end_with: str)
     for i, message in enumerate(body):
         index = i + (len(messages) - len(body))
         expected = "user" if i % 2 == 0 else "assistant"
+        article = "an" if expected == "assistant" else "a"
         if message["role"] == "system":
             raise RecordProblem(f"{key}[{index}]", "a system turn is only allowed first")
         if message["role"] != expected:
-            raise RecordProblem(f"{key}[{index}]", f"expected a {expected} turn here, got two {message['role']} "
+            raise RecordProblem(f"{key}[{index}]", f"expected {article} {expected} turn here, got two {message['role']} "
                                                    "turns in a row")
     if body[-1]["role"] != end_with:
         raise RecordProblem(key, f"must end with a{'n' if end_with == 'assistant' else ''} {end_with} turn")
 
 
 def _messages(record: dict, key: str, role_key: str, content_key: str) -> list[dict[str, str]]:
-    turns = record.get(key)
+    if key not in record:
+        raise RecordProblem(key, "missing")
+    turns = record[key]
     if not isinstance(turns, list):
         raise RecordProblem(key, f"expected a list of turns, got {type(turns).__name__}")
     messages = []
@@ -126,7 +129,10 @@ def _messages(record: dict, key: str, role_key: str, content_key: str) -> list[d
         if role not in ROLE_ALIASES:
             raise RecordProblem(f"{where}.{role_key}", f"unknown role {role!r} (use one of "
                                                        f"{', '.join(sorted(ROLE_ALIASES))})")
-        content = _text(turn, content_key)
+        try:
+            content = _text(turn, content_key)
+        except RecordProblem as exc:
+            raise RecordProblem(f"{where}.{exc.field}", exc.message) from None
         messages.append({"role": ROLE_ALIASES[role], "content": content})
     return messages
 

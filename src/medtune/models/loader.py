@@ -29,12 +29,13 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
     return str(path)
 
 
-def read_model_config(path: str) -> dict:
+def read_model_config(path: str, *, required: bool = False) -> dict:
+    """The folder's config.json ({} for a tokenizer-only folder or a hub id, unless `required`)."""
     config_file = Path(path) / "config.json"
-    if Path(path).exists() and not config_file.is_file():
-        raise MedtuneError(f"{path}: not a model folder (no config.json)")
     if not config_file.is_file():
-        return {}  # a hub id: transformers will fetch (needs network) and report its own errors
+        if required and Path(path).exists():
+            raise MedtuneError(f"{path}: not a model folder (no config.json)")
+        return {}  # a hub id: transformers will fetch it (needs network) and report its own errors
     try:
         return json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -86,7 +87,7 @@ def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool 
     from transformers import AutoModelForCausalLM
 
     check_remote_code(path, trust_remote_code)
-    model_type = read_model_config(path).get("model_type", "")
+    model_type = read_model_config(path, required=True).get("model_type", "")
     if fp16 and model_type in _FP16_UNSAFE:
         logger.warning("fp16 training of %s models is known to give NaN or zero loss; prefer --bf16 true", model_type)
     dtype = resolve_dtype(torch_dtype, bf16, fp16)

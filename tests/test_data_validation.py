@@ -1,0 +1,121 @@
+"""Malformed input of every kind stops the run with `file:line: field: message` before training (exit code 2)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medtune.data.loading import load_records
+from medtune.errors import DataError
+
+from .conftest import REPO, run_medtune
+
+
+def jsonl(*records) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records).encode()
+
+
+GOOD_CHAT = {"conversations": [{"from": "human", "value": "头痛怎么办？"}, {"from": "gpt", "value": "多休息。"}]}
+GOOD_PAIR = {"system": "", "history": [], "question": "孕妇能用多西环素吗？", "response_chosen": "不建议。",
+             "response_rejected": "可以。"}
+
+CASES = {
+    # name: (kind, file name, content, expected "line: field: message" fragment)
+    "text-truncated-json": ("text", "a.jsonl", jsonl({"text": "高血压"}, '{"text": "糖尿'), ":2: invalid JSON"),
+    "text-missing-field": ("text", "a.jsonl", jsonl({"text": "高血压"}, {"content": "x"}), ":2: text: missing"),
+    "text-mistyped": ("text", "a.jsonl", jsonl({"text": "ok"}, {"text": ["a"]}), ":2: text: expected a string"),
+    "text-empty": ("text", "a.jsonl", jsonl({"text": "ok"}, {"text": "   "}), ":2: text: empty"),
+    "text-encoding": ("text", "a.txt", "第一行\n".encode() + "第二行\n".encode("gbk"), ":2: not valid UTF-8"),
+    "sft-missing-conversations": ("sft", "c.jsonl", jsonl(GOOD_CHAT, {"conversation": []}), ":2: conversations: missing"),
+    "sft-unknown-role": ("sft", "c.jsonl", jsonl(GOOD_CHAT, {"conversations": [{"from": "doctor", "value": "x"}]}),
+                         ":2: conversations[0].from: unknown role 'doctor'"),
+    "sft-empty-answer": ("sft", "c.jsonl", jsonl({"conversations": [{"from": "human", "value": "问"},
+                                                                     {"from": "gpt", "value": ""}]}),
+                         ":1: conversations[1].value: empty"),
+    "sft-two-user-turns": ("sft", "c.jsonl", jsonl({"conversations": [{"from": "human", "value": "问1"},
+                                                                       {"from": "human", "value": "问2"},
+                                                                       {"from": "gpt", "value": "答"}]}),
+                           ":1: conversations[1]: expected an assistant turn here, got two user turns in a row"),
+    "sft-bad-json": ("sft", "c.jsonl", jsonl(GOOD_CHAT, "{not json"), ":2: invalid JSON"),
+    "pref-missing-rejected": ("preference", "p.jsonl", jsonl(GOOD_PAIR, {k: v for k, v in GOOD_PAIR.items()
+                                                                          if k != "response_rejected"}),
+                              ":2: response_rejected: missing"),
+    "pref-bad-history": ("preference", "p.jsonl", jsonl(dict(GOOD_PAIR, history=[["只有问题"]])),
+                         ":1: history[0]: expected a [question, answer] pair"),
+    "json-array-line-numbers": ("text", "a.json", '[\n  {"text": "a"},\n  {"text": ""}\n]\n'.encode(),
+                                ":3: text: empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_malformed_records_name_file_line_and_field(tmp_path, name):
+    kind, filename, content, expected = CASES[name]
+    path = tmp_path / filename
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load_records(tmp_path, kind)
+    message = str(caught.value)
+    assert f"{path}{expected}" in message, message
+
+
+def test_missing_conversations_key_in_a_sharegpt_file(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(jsonl(GOOD_CHAT, {"messages_": 1, "id": 3}))
+    with pytest.raises(DataError, match=r"c\.jsonl:2: conversations: missing"):
+        load_records(tmp_path, "sft")
+
+
+def test_every_problem_is_reported_not_just_the_first(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl({"text": ""}, {"text": "ok"}, "{oops", {"text": 1}))
+    with pytest.raises(DataError) as caught:
+        load_records(tmp_path, "text")
+    assert [p.line for p in caught.value.problems] == [1, 3, 4]
+
+
+def test_wrong_kind_of_file_is_named(tmp_path):
+    (tmp_path / "c.jsonl").write_bytes(jsonl(GOOD_CHAT))
+    with pytest.raises(DataError, match="holds sharegpt records, which are for medtune sft, not medtune pt"):
+        load_records(tmp_path, "text")
+
+
+def test_formats_convert_to_one_internal_shape(tmp_path):
+    (tmp_path / "openai.jsonl").write_bytes(jsonl({"messages": [{"role": "user", "content": "问"},
+                                                                {"role": "assistant", "content": "答"}]}))
+    (tmp_path / "alpaca.jsonl").write_bytes(jsonl({"instruction": "问", "input": "", "output": "答"}))
+    (tmp_path / "sharegpt.jsonl").write_bytes(jsonl({"conversations": [{"from": "human", "value": "问"},
+                                                                       {"from": "gpt", "value": "答"}]}))
+    records, reports = load_records(tmp_path, "sft")
+    assert {r.format for r in reports} == {"openai", "alpaca", "sharegpt"}
+    assert all(r.messages == [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]
+               for r in records)
+    assert records[0].source.endswith(":1")
+
+
+@pytest.mark.parametrize("kind, folder", [("text", "pretrain"), ("sft", "finetune"), ("preference", "reward")])
+def test_bundled_data_is_valid(kind, folder):
+    records, _ = load_records(REPO / "data" / folder, kind)
+    assert records
+
+
+def test_pt_stops_before_training_with_exit_code_2(tmp_path, glm4_dir):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "ok.txt").write_text("高血压需要长期管理。\n", encoding="utf-8")
+    (data / "bad.jsonl").write_bytes(jsonl({"text": "糖尿病"}, {"text": ""}))
+    out = tmp_path / "out"
+    result = run_medtune("pt", "--model_name_or_path", str(glm4_dir), "--train_file_dir", str(data),
+                         "--output_dir", str(out), "--max_steps", "2", "--report_to", "none")
+    assert result.returncode == 2, result.stderr
+    assert f"medtune: error: {data / 'bad.jsonl'}:2: text: empty" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+
+
+def test_data_check_cli(tmp_path):
+    good = run_medtune("data", "check", "data/", "--no_tokens")
+    assert good.returncode == 0, good.stderr
+    assert "0 problems" in good.stdout
+    (tmp_path / "bad.jsonl").write_bytes(jsonl(GOOD_CHAT, {"conversations": [{"from": "human", "value": "x"}]}))
+    bad = run_medtune("data", "check", str(tmp_path), "--no_tokens")
+    assert bad.returncode == 2
+    assert f"{tmp_path / 'bad.jsonl'}:2: conversations: must end with an assistant turn" in bad.stderr
