@@ -1,7 +1,6 @@
 """Malformed input of every kind stops the run with `file:line: field: message` before training (exit code 2)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -42,7 +41,7 @@ CASES = {
                               ":2: response_rejected: missing"),
     "pref-bad-history": ("preference", "p.jsonl", jsonl(dict(GOOD_PAIR, history=[["只有问题"]])),
                          ":1: history[0]: expected a [question, answer] pair"),
-    "json-array-line-numbers": ("text", "a.json", '[\n  {"text": "a"},\n  {"text": ""}\n]\n'.encode(),
+    "json-array-line-numbers": ("text", "a.json", b'[\n  {"text": "a"},\n  {"text": ""}\n]\n',
                                 ":3: text: empty"),
 }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from transformers import EarlyStoppingCallback, Trainer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medtune.config import save_effective_config
 from medtune.errors import ConfigError
@@ -21,6 +21,25 @@ logger = logging.getLogger(__name__)
 TRUE_WORDS = {"true", "yes", "1", "latest", "last"}
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders whose trainer_state.json (written last by the Trainer) is readable, oldest first.
+
+    A run killed while saving leaves a half-written folder; resuming from it would fail, so it is skipped.
+    """
+    found = []
+    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = folder.name.rsplit("-", 1)[-1]
+        state = folder / "trainer_state.json"
+        if not (suffix.isdigit() and state.is_file()):
+            continue
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        found.append((int(suffix), folder))
+    return [folder for _, folder in sorted(found)]
+
+
 def resolve_resume_checkpoint(training_args) -> str | None:
     """The checkpoint to resume from: an explicit folder, or the latest in output_dir for 'true'.
 
@@ -28,17 +47,21 @@ def resolve_resume_checkpoint(training_args) -> str | None:
     rotated out by the new run's.
     """
     output_dir = Path(training_args.output_dir)
-    latest = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    complete = complete_checkpoints(output_dir)
+    latest = str(complete[-1]) if complete else None
     requested = training_args.resume_from_checkpoint
     if requested is None or str(requested).lower() in {"false", "no", "0", "none", ""}:
-        if latest:
-            raise ConfigError(f"{output_dir} already holds checkpoints ({Path(latest).name}); pass "
+        if any(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            raise ConfigError(f"{output_dir} already holds checkpoints; pass "
                               "--resume_from_checkpoint true to continue that run, or choose a new output_dir")
         return None
     if str(requested).lower() in TRUE_WORDS:
         if latest is None:
             logger.info("resume requested but %s has no checkpoint yet: starting from scratch", output_dir)
         else:
+            skipped = [f.name for f in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f not in complete]
+            if skipped:
+                logger.warning("skipping incomplete checkpoint folders (killed while saving?): %s", ", ".join(skipped))
             logger.info("resuming from %s", latest)
         return latest
     if not (Path(requested) / "trainer_state.json").is_file():
