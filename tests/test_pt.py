@@ -117,3 +117,17 @@ def test_sigkill_then_resume_ends_with_the_same_loss(pt_run, tmp_path):
     assert abs(final_loss(killed) - final_loss(straight)) < 1e-3
     steps_after_resume = [e["step"] for e in log_history(killed) if "loss" in e]
     assert steps_after_resume == list(range(1, 31))  # continued from the checkpoint, no step repeated or lost
+
+
+def test_runs_under_torchrun_with_two_processes(pt_run, tmp_path):
+    model, _, _ = pt_run
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "medtune", "pt", *TINY,
+         "--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4",
+         "--save_steps", "4", "--report_to", "none"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
 from medtune.data.loading import KIND_SUFFIXES, load_records, read_file
 from medtune.data.readers import list_data_files, raise_if_problems, read_json_records, read_text_lines
@@ -104,6 +106,25 @@ def _build_split(documents: list[TextDocument], tokenizer, data_args, scratch: P
     return dataset, stats
 
 
+def _build_cache_entry(entry: Path, train_docs, eval_docs, tokenizer, data_args) -> None:
+    scratch = entry.with_name(entry.name + ".building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(entry, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    stats = {}
+    for name, documents in (("train", train_docs), ("eval", eval_docs)):
+        if not documents:
+            continue
+        logger.info("tokenizing %d %s documents into blocks of %d tokens", len(documents), name, data_args.block_size)
+        dataset, split_stats = _build_split(documents, tokenizer, data_args, scratch, name)
+        dataset.save_to_disk(str(scratch / f"{name}_blocks"))
+        stats[name] = split_stats.to_dict()
+    (scratch / "stats.json").write_text(json.dumps(stats, indent=2))
+    for name in ("train", "eval"):
+        shutil.rmtree(scratch / name, ignore_errors=True)  # the generator's own scratch cache
+    scratch.rename(entry)
+
+
 def prepare_block_datasets(data_args, tokenizer) -> tuple[object, object | None, dict]:
     """(train blocks, eval blocks or None, statistics), from the cache when possible."""
     import datasets
@@ -111,26 +132,14 @@ def prepare_block_datasets(data_args, tokenizer) -> tuple[object, object | None,
     train_docs, eval_docs = load_documents(data_args)
     key = cache_key(train_docs, eval_docs, tokenizer, data_args)
     entry = Path(data_args.data_cache_dir or cache_dir("tokenized")) / key
-    if entry.is_dir() and (entry / "stats.json").is_file() and not data_args.overwrite_cache:
-        logger.info("loading tokenized blocks from cache %s", entry)
-    else:
-        scratch = entry.with_name(entry.name + ".building")
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(entry, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        stats = {}
-        for name, documents in (("train", train_docs), ("eval", eval_docs)):
-            if not documents:
-                continue
-            logger.info("tokenizing %d %s documents into blocks of %d tokens", len(documents), name,
-                        data_args.block_size)
-            dataset, split_stats = _build_split(documents, tokenizer, data_args, scratch, name)
-            dataset.save_to_disk(str(scratch / f"{name}_blocks"))
-            stats[name] = split_stats.to_dict()
-        (scratch / "stats.json").write_text(json.dumps(stats, indent=2))
-        for name in ("train", "eval"):
-            shutil.rmtree(scratch / name, ignore_errors=True)  # the generator's scratch cache
-        scratch.rename(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    # A file lock, not just main_process_first: independent runs (and ranks, if the process group is not up yet)
+    # may share the cache, and only one of them may build an entry.
+    with FileLock(str(entry) + ".lock"):
+        if (entry / "stats.json").is_file() and not data_args.overwrite_cache:
+            logger.info("loading tokenized blocks from cache %s", entry)
+        else:
+            _build_cache_entry(entry, train_docs, eval_docs, tokenizer, data_args)
     stats = json.loads((entry / "stats.json").read_text())
     train = datasets.load_from_disk(str(entry / "train_blocks"))
     evaluation = datasets.load_from_disk(str(entry / "eval_blocks")) if "eval" in stats else None

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -179,21 +181,24 @@ def _set_tokenizer_class(out: Path, tokenizer_class: str) -> None:
 
 def default_model_dir(arch: str = "glm4") -> Path:
     """The embedded default model, built on first use and reused after (rebuilt when the corpus changes)."""
+    from filelock import FileLock
+
     fingerprint = corpus_fingerprint(corpus_texts())
     target = cache_dir("models") / f"tiny-{arch}-v{TINY_VERSION}-{fingerprint}"
-    if (target / MARKER).is_file():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: under torchrun several ranks may race here, and a reader must never
-    # see a half-written model.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_tiny_model(arch, scratch)
+    # One builder at a time (torchrun ranks, parallel runs); a reader never sees a half-written folder.
+    with FileLock(str(target) + ".lock"):
+        if (target / MARKER).is_file():
+            return target
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
+            # A separate process: once torch.distributed is up (under torchrun), save_pretrained writes
+            # nothing on ranks other than 0, and this may be any rank.
+            subprocess.run([sys.executable, "-m", "medtune", "init-model", "--arch", arch, "--out", str(scratch)],
+                           check=True, stdout=subprocess.DEVNULL)
             os.rename(scratch, target)
-        except OSError:
-            if not (target / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        except subprocess.CalledProcessError as exc:
+            raise MedtuneError(f"building the default tiny {arch} model failed (exit code {exc.returncode})") from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target

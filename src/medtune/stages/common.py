@@ -149,8 +149,10 @@ def finish_training(trainer, train_result, tokenizer, extra: dict | None = None)
     output_dir = Path(trainer.args.output_dir)
     trainer.save_model(str(output_dir))
     metrics = dict(train_result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics, combined=False)
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics, combined=False)
     eval_metrics: dict = {}
     if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
@@ -158,10 +160,11 @@ def finish_training(trainer, train_result, tokenizer, extra: dict | None = None)
         if before is not None:
             eval_metrics["eval_loss_before_training"] = before
             eval_metrics["eval_perplexity_before_training"] = perplexity(before)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics, combined=False)
+        if main_process:
+            trainer.log_metrics("eval", eval_metrics)
+            trainer.save_metrics("eval", eval_metrics, combined=False)
     trainer.save_state()
-    if trainer.is_world_process_zero():
+    if main_process:
         tokenizer.save_pretrained(str(output_dir))
         if extra:
             for name, payload in extra.items():
