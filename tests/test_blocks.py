@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medtune.data.blocks import IGNORE_INDEX, group_into_blocks, iter_blocks, tokenize_texts
-from medtune.data.collators import BlockCollator
+from medtune.data.collators import PaddingCollator
 from medtune.data.loading import load_records
 from medtune.models.loader import load_tokenizer
 
@@ -56,7 +56,7 @@ def test_remainder_is_carried_across_document_batches():
 
 
 def test_collator_accepts_lists_arrays_tensors_and_ragged_features():
-    collate = BlockCollator(pad_token_id=0)
+    collate = PaddingCollator(pad_token_id=0)
     batch = collate([
         {"input_ids": [5, 6, 7]},
         {"input_ids": np.array([8, 9], dtype=np.int32), "attention_mask": (1, 1), "extra": "ignored"},

@@ -52,6 +52,14 @@ def pt(argv: list[str]) -> int:
     return 0
 
 
+def sft(argv: list[str]) -> int:
+    from medtune.config import parse_arguments
+    from medtune.stages import sft as stage
+
+    stage.run_sft(*parse_arguments(stage.ARGUMENT_TYPES, argv, prog="medtune sft", description=stage.DESCRIPTION))
+    return 0
+
+
 def merge(argv: list[str]) -> int:
     from medtune.config import parse_arguments
     from medtune.stages import merge as stage
@@ -72,6 +80,7 @@ COMMANDS = {
     "init-model": (init_model, "Build an embedded tiny model (GLM-4, Qwen2 or Llama layout) offline."),
     "data": (data, "Data tools: `medtune data check PATH...` validates and describes data files."),
     "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
+    "sft": (sft, "Supervised fine-tuning on conversations, assistant-only loss, packing (LoRA or full)."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }

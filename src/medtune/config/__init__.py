@@ -1,16 +1,22 @@
 """Typed configuration: one dataclass per concern, filled from YAML and command-line overrides."""
 
 from medtune.config.args import (
+    DataArguments,
     LoraArguments,
     MergeArguments,
     ModelArguments,
     PretrainDataArguments,
     PretrainTrainingArguments,
+    SFTDataArguments,
+    SFTTrainingArguments,
     StageTrainingArguments,
 )
 from medtune.config.loader import parse_arguments, save_effective_config
 
 __all__ = [
+    "DataArguments",
+    "SFTDataArguments",
+    "SFTTrainingArguments",
     "LoraArguments",
     "MergeArguments",
     "ModelArguments",

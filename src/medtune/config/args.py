@@ -83,26 +83,43 @@ REMAINDER_MODES = ("pad", "drop")
 
 
 @dataclass
-class PretrainDataArguments:
-    """Continued-pretraining text: where it is and how it becomes fixed-length blocks."""
+class DataArguments:
+    """Where a stage's data is and how much of it to use; every stage's data arguments extend this."""
 
     train_file_dir: str | None = field(
-        default=None,
-        metadata={"help": "Folder (or file) of .txt (one document per non-empty line) and .jsonl/.json files "
-                          "with a 'text' field. Default: the bundled medical corpus data/pretrain."},
+        default=None, metadata={"help": "Training data: a folder (searched recursively) or one file. Default: the "
+                                        "stage's bundled sample under data/."},
     )
     validation_file_dir: str | None = field(
-        default=None, metadata={"help": "Held-out text in the same formats; otherwise a split of the training files."}
+        default=None, metadata={"help": "Held-out data in the same formats; otherwise a split of the training data."}
     )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of training records held out for evaluation when no "
+                                       "validation_file_dir is given (0 disables evaluation)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many evaluation samples."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenized data is cached (default ~/.cache/medtune/tokenized)."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cache entry exists."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.validation_split_percentage < 100.0:
+            raise ConfigError("validation_split_percentage must be in [0, 100)")
+
+
+@dataclass
+class PretrainDataArguments(DataArguments):
+    """Continued-pretraining text (.txt: one document per non-empty line; .jsonl/.json: a 'text' field) and how it
+    becomes fixed-length blocks."""
+
     dataset_name: str | None = field(
         default=None, metadata={"help": "A `datasets` name or local dataset folder with a 'text' column (needs "
                                         "network for hub names); used instead of train_file_dir."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Percent of training documents held out for evaluation when no "
-                                       "validation_file_dir is given (0 disables evaluation)."},
-    )
     block_size: int = field(default=1024, metadata={"help": "Tokens per training block."})
     remainder: str = field(
         default="pad",
@@ -114,20 +131,47 @@ class PretrainDataArguments:
         metadata={"help": "Read, tokenize and group the corpus on the fly (for corpora larger than memory); needs "
                           "max_steps. Evaluation then uses validation_file_dir only."},
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-    data_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where tokenized blocks are cached (default ~/.cache/medtune/tokenized)."}
-    )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cache entry exists."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training blocks."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many evaluation blocks."})
 
     def __post_init__(self):
+        super().__post_init__()
         _check_choice("remainder", self.remainder, REMAINDER_MODES)
         if self.block_size <= 1:
             raise ConfigError(f"block_size must be at least 2, got {self.block_size}")
-        if not 0.0 <= self.validation_split_percentage < 100.0:
-            raise ConfigError("validation_split_percentage must be in [0, 100)")
+
+
+SFT_FORMATS = ("auto", "sharegpt", "openai", "alpaca")
+
+
+@dataclass
+class SFTDataArguments(DataArguments):
+    """Conversations for supervised fine-tuning, and how they become token ids and labels."""
+
+    data_format: str = field(
+        default="auto", metadata={"help": f"Record format: {', '.join(SFT_FORMATS)} (auto detects it per file)."}
+    )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template name (glm4, chatglm3, qwen, llama3, vicuna, alpaca). Default: the "
+                          "tokenizer's own chat_template. Training, chat, serving and evaluation all use it."},
+    )
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Longest tokenized conversation; longer ones are cut at the end (samples "
+                                        "left with no supervised token are dropped and counted)."},
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata={"help": "Also compute the loss on system/user turns and template scaffolding."}
+    )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack several conversations into each sequence (position ids restart per conversation and "
+                          "attention never crosses conversations). Off: length-grouped, padded batches."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("data_format", self.data_format, SFT_FORMATS)
+        if self.model_max_length < 8:
+            raise ConfigError(f"model_max_length must be at least 8, got {self.model_max_length}")
 
 
 @dataclass
@@ -175,6 +219,11 @@ class StageTrainingArguments(TrainingArguments):
 @dataclass
 class PretrainTrainingArguments(StageTrainingArguments):
     output_dir: str = field(default="outputs/pt", metadata={"help": "Where checkpoints and results go."})
+
+
+@dataclass
+class SFTTrainingArguments(StageTrainingArguments):
+    output_dir: str = field(default="outputs/sft", metadata={"help": "Where checkpoints and results go."})
 
 
 @dataclass

@@ -16,8 +16,8 @@ def _as_ids(value: Any) -> torch.Tensor:
     return tensor.reshape(-1).long()
 
 
-class BlockCollator:
-    """Batch pretraining blocks (or any causal-LM features).
+class PaddingCollator:
+    """Batch causal-LM features (pretraining blocks, unpacked conversations) with right padding.
 
     Tolerant of what datasets and users hand in: features may hold lists, numpy arrays or tensors, may lack
     `attention_mask` or `labels` (derived from `input_ids`), and may differ in length (right-padded, with
@@ -45,3 +45,28 @@ class BlockCollator:
             "attention_mask": pad(masks, 0),
             "labels": pad(labels, IGNORE_INDEX),
         }
+
+
+class PackedCollator:
+    """Batch packed rows: several conversations per row, `position_ids` restarting at each one.
+
+    No attention mask is passed: transformers then derives a block-diagonal causal mask from the position ids
+    (flash-attention uses them as varlen boundaries), so no token attends across conversations. Rows shorter than
+    the batch's longest are padded with a pseudo-sequence of their own (positions restart at 0, labels -100), which
+    nothing real attends to.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [(_as_ids(f["input_ids"]), _as_ids(f["labels"]), _as_ids(f["position_ids"])) for f in features]
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids, labels, positions = [], [], []
+        for ids, label, position in rows:
+            pad = width - len(ids)
+            input_ids.append(torch.cat([ids, ids.new_full((pad,), self.pad_token_id)]))
+            labels.append(torch.cat([label, label.new_full((pad,), IGNORE_INDEX)]))
+            positions.append(torch.cat([position, torch.arange(pad, dtype=position.dtype)]))
+        return {"input_ids": torch.stack(input_ids), "labels": torch.stack(labels),
+                "position_ids": torch.stack(positions)}

@@ -6,6 +6,7 @@ as `file:line: field: message` — always before a model is touched.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,3 +94,13 @@ def load_records(location: str | Path, kind: str, data_format: str | None = None
         reports.append(report)
     raise_if_problems([p for r in reports for p in r.problems])
     return items, reports
+
+
+def split_records(records: list, percentage: float, seed: int = 42) -> tuple[list, list]:
+    """Hold out `percentage` of whole records (documents, conversations, pairs), chosen by a fixed seed."""
+    if percentage <= 0 or len(records) < 2:
+        return records, []
+    count = min(len(records) - 1, max(1, round(len(records) * percentage / 100)))
+    held_out = set(random.Random(seed).sample(range(len(records)), count))
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    return train, [r for i, r in enumerate(records) if i in held_out]

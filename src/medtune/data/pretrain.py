@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
-from medtune.data.loading import KIND_SUFFIXES, load_records, read_file
+from medtune.data.loading import KIND_SUFFIXES, load_records, read_file, split_records
 from medtune.data.readers import list_data_files, raise_if_problems, read_json_records, read_text_lines
 from medtune.data.records import TextDocument
 from medtune.errors import DataError, Problem
@@ -39,18 +38,8 @@ def load_documents(data_args) -> tuple[list[TextDocument], list[TextDocument]]:
     if data_args.validation_file_dir:
         evaluation, _ = load_records(data_args.validation_file_dir, "text")
     else:
-        train, evaluation = split_documents(train, data_args.validation_split_percentage)
+        train, evaluation = split_records(train, data_args.validation_split_percentage)
     return train, evaluation
-
-
-def split_documents(documents: list, percentage: float, seed: int = 42) -> tuple[list, list]:
-    """Hold out `percentage` of the documents (whole documents, so no text is in both splits)."""
-    if percentage <= 0 or len(documents) < 2:
-        return documents, []
-    count = min(len(documents) - 1, max(1, round(len(documents) * percentage / 100)))
-    held_out = set(random.Random(seed).sample(range(len(documents)), count))
-    train = [d for i, d in enumerate(documents) if i not in held_out]
-    return train, [d for i, d in enumerate(documents) if i in held_out]
 
 
 def _documents_from_datasets(name: str, config_name: str | None) -> list[TextDocument]:

@@ -123,3 +123,19 @@ def attach_lora(model, lora_args):
     logger.info("LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)", lora_args.lora_rank,
                 lora_args.lora_alpha, targets, trainable, total, 100 * trainable / total)
     return model
+
+
+def generation_stop_ids(path: str) -> list[int]:
+    """The ids that end generation for this model (generation_config.json's eos_token_id, one or a list)."""
+    config_file = Path(path) / "generation_config.json"
+    if not config_file.is_file():
+        return []
+    eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def load_chat_template(model_path: str, tokenizer, name: str | None = None):
+    """The ChatTemplate every stage and inference path uses for this model (see medtune.templates.chat)."""
+    from medtune.templates.chat import ChatTemplate
+
+    return ChatTemplate.for_tokenizer(tokenizer, name, generation_stop_ids(model_path))

@@ -141,8 +141,8 @@ def save_run_config(training_args, configs: tuple) -> None:
         save_effective_config(training_args.output_dir, *configs)
 
 
-def finish_training(trainer, train_result, tokenizer, extra: dict | None = None) -> dict:
-    """Save the model/adapter, tokenizer (with chat template), metrics and log history.
+def finish_training(trainer, train_result, tokenizer, extra: dict | None = None, chat_template: str | None = None) -> dict:
+    """Save the model/adapter, tokenizer (with the chat template it was trained with), metrics and log history.
 
     Returns the final evaluation metrics (empty without an eval set). Only the main process writes.
     """
@@ -165,6 +165,9 @@ def finish_training(trainer, train_result, tokenizer, extra: dict | None = None)
             trainer.save_metrics("eval", eval_metrics, combined=False)
     trainer.save_state()
     if main_process:
+        if chat_template:
+            # A forced --template becomes the saved tokenizer's own, so chat/serve/eval render exactly as trained.
+            tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(str(output_dir))
         if extra:
             for name, payload in extra.items():

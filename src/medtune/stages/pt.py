@@ -19,7 +19,7 @@ DESCRIPTION = "Continued pretraining on raw text: tokenize, group into blocks, t
 def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: PretrainDataArguments,
            training_args: PretrainTrainingArguments) -> dict:
     """Train and save into training_args.output_dir; returns the final evaluation metrics."""
-    from medtune.data.collators import BlockCollator
+    from medtune.data.collators import PaddingCollator
     from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
     from medtune.models.loader import attach_lora, load_model, load_tokenizer, resolve_model_path
     from medtune.stages.common import (
@@ -66,7 +66,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        data_collator=BlockCollator(tokenizer.pad_token_id),
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
         compute_metrics=token_accuracy if eval_set is not None else None,
         preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
         callbacks=callbacks,

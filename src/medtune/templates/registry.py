@@ -80,7 +80,63 @@ LLAMA3 = ChatFormat(
     prefix_tokens=("<|begin_of_text|>",),
 )
 
-TEMPLATES: dict[str, ChatFormat] = {t.name: t for t in (GLM4, QWEN, LLAMA3)}
+# ChatGLM3-6B: like GLM-4 but with the plain-text "sop" prefix token.
+CHATGLM3 = ChatFormat(
+    name="chatglm3",
+    jinja=(
+        "[gMASK]sop"
+        "{% for message in messages %}"
+        "<|{{ message['role'] }}|>\n {{ message['content'] }}"
+        "{% endfor %}"
+        # an expression, not literal text: Jinja's lstrip_blocks would eat a space that starts a line before a tag
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n ' }}{% endif %}"
+    ),
+    special_tokens=("<|endoftext|>", "[MASK]", "[gMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
+                    "<|observation|>"),
+    bos_token=None,
+    eos_token="<|endoftext|>",
+    pad_token="<|endoftext|>",
+    stop_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
+    prefix_tokens=("[gMASK]", "sop"),
+)
+
+# Vicuna v1.1 style, for base models without a chat template of their own.
+VICUNA = ChatFormat(
+    name="vicuna",
+    jinja=(
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] }} "
+        "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
+        "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    ),
+    special_tokens=("<s>", "</s>"),
+    bos_token="<s>",
+    eos_token="</s>",
+    pad_token="</s>",
+    stop_tokens=("</s>",),
+)
+
+# Alpaca instruction format, for base models without a chat template of their own.
+ALPACA = ChatFormat(
+    name="alpaca",
+    jinja=(
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+        "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+        "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}### Response:\n{% endif %}"
+    ),
+    special_tokens=("<s>", "</s>"),
+    bos_token="<s>",
+    eos_token="</s>",
+    pad_token="</s>",
+    stop_tokens=("</s>",),
+)
+
+TEMPLATES: dict[str, ChatFormat] = {t.name: t for t in (GLM4, CHATGLM3, QWEN, LLAMA3, VICUNA, ALPACA)}
 
 
 def get_template(name: str) -> ChatFormat:

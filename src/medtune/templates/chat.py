@@ -1,0 +1,127 @@
+"""`ChatTemplate`: the one place that turns messages into token ids and labels.
+
+Training (SFT, DPO), evaluation, `medtune chat` and serving all go through the same object, so the prompt the
+model is trained on is byte-for-byte the prompt it is given at inference.
+
+Assistant-only labels are derived the same way for every template, with no `{% generation %}` markers needed
+(GLM-4-9B-Chat's template has none): for each assistant turn, render the conversation up to it with
+`add_generation_prompt=True` and up to its end; the text in between is the reply. The reply is extended over the
+token that makes generation stop (e.g. `<|im_end|>`, or GLM-4's next `<|user|>` tag), and a stop token is
+appended after the last reply when the template renders none, so the model learns to stop. Each span is tokenized
+on its own, so prompt tokens are exactly what inference tokenizes and no token straddles prompt and reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medtune.errors import ConfigError
+from medtune.templates.registry import get_template
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ConfigError):
+    """A chat template that cannot express a conversation (or breaks the prompt-prefix property)."""
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+class ChatTemplate:
+    """A tokenizer plus the Jinja chat template that renders conversations for it."""
+
+    def __init__(self, tokenizer, jinja: str, name: str, stop_strings: list[str]):
+        self.tokenizer = tokenizer
+        self.jinja = jinja
+        self.name = name
+        self.stop_strings = [s for s in dict.fromkeys(stop_strings) if s]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, name: str | None = None, stop_token_ids: list[int] | None = None) -> ChatTemplate:
+        """The named template (`--template`), else the tokenizer's own `chat_template`."""
+        stops = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(i) for i in (stop_token_ids or [])]
+        if name:
+            chat_format = get_template(name)
+            named_stops = [t for t in chat_format.stop_tokens if t in tokenizer.get_vocab()]
+            return cls(tokenizer, chat_format.jinja, name, named_stops + stops)
+        jinja = tokenizer.chat_template
+        if isinstance(jinja, dict):  # some tokenizers ship several named templates
+            jinja = jinja.get("default") or next(iter(jinja.values()))
+        if not jinja:
+            raise TemplateError("the tokenizer has no chat_template; pass --template NAME (glm4, chatglm3, qwen, "
+                                "llama3, vicuna, alpaca)")
+        return cls(tokenizer, jinja, "tokenizer", stops)
+
+    # -- text -------------------------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _stop_at(self, text: str, position: int) -> str | None:
+        return next((s for s in self.stop_strings if text.startswith(s, position)), None)
+
+    def reply_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """The training text and the character span of every assistant reply in it (stop token included)."""
+        text = self.render(messages)
+        spans: list[tuple[int, int]] = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:index], add_generation_prompt=True)
+            through_reply = self.render(messages[: index + 1])
+            if not (text.startswith(prompt) and text.startswith(through_reply)):
+                raise TemplateError(f"template {self.name!r} renders a conversation's prompt differently from the "
+                                    "same prompt inside the full conversation; it cannot be used for training")
+            start, end = len(prompt), len(through_reply)
+            if message["content"].strip() not in text[start:end]:
+                raise TemplateError(f"template {self.name!r} does not place assistant turn {index} right after its "
+                                    "generation prompt; it cannot be used for training")
+            if not any(text[start:end].rstrip().endswith(s) for s in self.stop_strings):
+                stop = self._stop_at(text, end)
+                if stop is None and end == len(text):
+                    stop = self.stop_strings[0]
+                    text += stop  # the template ends without a stop marker: teach the model to emit one
+                if stop is not None:
+                    end += len(stop)
+            spans.append((start, end))
+        return text, spans
+
+    # -- ids ----------------------------------------------------------------------------------------------------
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """What inference feeds the model for `messages` (ending with a user turn)."""
+        return self._ids(self.render(messages, add_generation_prompt=True))
+
+    def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False) -> EncodedConversation:
+        """Token ids and labels: replies supervised, everything else -100 (unless `train_on_prompt`)."""
+        text, spans = self.reply_spans(messages)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        cursor = 0
+        for start, end in spans:
+            prompt = self._ids(text[cursor:start])
+            reply = self._ids(text[start:end])
+            input_ids += prompt + reply
+            labels += (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + reply
+            cursor = end
+        tail = self._ids(text[cursor:])
+        input_ids += tail
+        labels += tail if train_on_prompt else [IGNORE_INDEX] * len(tail)
+        return EncodedConversation(input_ids, labels)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = self.tokenizer.convert_tokens_to_ids(self.stop_strings)
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]

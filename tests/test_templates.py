@@ -1,0 +1,128 @@
+"""One chat template for training and inference: exact assistant-only masks for every template, and the prompt
+used in training is exactly what inference feeds the model."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from medtune.data.loading import load_records
+from medtune.models.loader import load_chat_template
+from medtune.templates.chat import IGNORE_INDEX, ChatTemplate, TemplateError
+
+from .conftest import REPO
+
+MESSAGES = [
+    {"role": "system", "content": "你是医生助手。"},
+    {"role": "user", "content": "头痛怎么办？"},
+    {"role": "assistant", "content": "先休息。"},
+    {"role": "user", "content": "还是疼呢？"},
+    {"role": "assistant", "content": "请及时就医。"},
+]
+
+# template -> (tiny model family, [(text, supervised?)...]) written out by hand from each family's format.
+EXPECTED = {
+    "glm4": ("glm4", [
+        ("[gMASK]<sop><|system|>\n你是医生助手。<|user|>\n头痛怎么办？<|assistant|>\n", False),
+        ("先休息。<|user|>", True),  # GLM-4 stops by emitting the next role tag
+        ("\n还是疼呢？<|assistant|>\n", False),
+        ("请及时就医。<|endoftext|>", True),  # nothing follows the last reply: EOS is appended and learned
+    ]),
+    "chatglm3": ("glm4", [
+        ("[gMASK]sop<|system|>\n 你是医生助手。<|user|>\n 头痛怎么办？<|assistant|>\n ", False),
+        ("先休息。<|user|>", True),
+        ("\n 还是疼呢？<|assistant|>\n ", False),
+        ("请及时就医。<|endoftext|>", True),
+    ]),
+    "qwen": ("qwen2", [
+        ("<|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n头痛怎么办？<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("先休息。<|im_end|>\n", True),
+        ("<|im_start|>user\n还是疼呢？<|im_end|>\n<|im_start|>assistant\n", False),
+        ("请及时就医。<|im_end|>\n", True),
+    ]),
+    "llama3": ("llama", [
+        ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n你是医生助手。<|eot_id|>"
+         "<|start_header_id|>user<|end_header_id|>\n\n头痛怎么办？<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("先休息。<|eot_id|>", True),
+        ("<|start_header_id|>user<|end_header_id|>\n\n还是疼呢？<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("请及时就医。<|eot_id|>", True),
+    ]),
+    "vicuna": ("glm4", [
+        ("你是医生助手。 USER: 头痛怎么办？ ASSISTANT: ", False),
+        ("先休息。<|endoftext|>", True),
+        ("USER: 还是疼呢？ ASSISTANT: ", False),
+        ("请及时就医。<|endoftext|>", True),
+    ]),
+    "alpaca": ("glm4", [
+        ("你是医生助手。\n\n### Instruction:\n头痛怎么办？\n\n### Response:\n", False),
+        ("先休息。<|endoftext|>\n\n", True),
+        ("### Instruction:\n还是疼呢？\n\n### Response:\n", False),
+        ("请及时就医。<|endoftext|>\n\n", True),
+    ]),
+}
+OWN_TEMPLATE_EQUIVALENT = {"glm4": "glm4", "qwen2": "qwen", "llama": "llama3"}
+
+
+def template_for(tiny_model, family: str, name: str | None) -> ChatTemplate:
+    folder = tiny_model(family)
+    return load_chat_template(str(folder), AutoTokenizer.from_pretrained(folder), name)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_exact_supervised_positions_on_a_multi_turn_conversation(tiny_model, name):
+    family, segments = EXPECTED[name]
+    template = template_for(tiny_model, family, name)
+    tokenizer = template.tokenizer
+    expected_ids, expected_labels = [], []
+    for text, supervised in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected_ids += ids
+        expected_labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    encoded = template.encode(MESSAGES)
+    assert encoded.input_ids == expected_ids
+    assert encoded.labels == expected_labels
+    # train_on_prompt supervises everything
+    assert template.encode(MESSAGES, train_on_prompt=True).labels == expected_ids
+
+
+@pytest.mark.parametrize("family", sorted(OWN_TEMPLATE_EQUIVALENT))
+def test_tokenizer_own_template_masks_like_the_named_one(tiny_model, family):
+    own = template_for(tiny_model, family, None).encode(MESSAGES)
+    named = template_for(tiny_model, family, OWN_TEMPLATE_EQUIVALENT[family]).encode(MESSAGES)
+    assert (own.input_ids, own.labels) == (named.input_ids, named.labels)
+
+
+@pytest.mark.parametrize("family", ["glm4", "qwen2", "llama"])
+def test_training_prompt_is_byte_identical_to_inference_prompt(tiny_model, family):
+    template = template_for(tiny_model, family, None)
+    conversations, _ = load_records(REPO / "data" / "finetune", "sft")
+    for conversation in conversations:
+        messages = conversation.messages
+        text, spans = template.reply_spans(messages)
+        encoded = template.encode(messages)
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for turn, (start, _) in zip(replies, spans):
+            inference_text = template.render(messages[:turn], add_generation_prompt=True)
+            assert text[:start] == inference_text, conversation.source
+        last_prompt = template.prompt_ids(messages[: replies[-1]])
+        assert encoded.input_ids[: len(last_prompt)] == last_prompt, conversation.source
+        assert encoded.labels[len(last_prompt) - 1] == IGNORE_INDEX  # the prompt's last token is not a target
+        assert encoded.labels[len(last_prompt)] != IGNORE_INDEX  # the reply's first token is
+
+
+def test_template_that_breaks_the_prompt_prefix_is_refused(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("glm4"))
+    # renders a generation prompt that the full conversation never contains
+    broken = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n\n{% endif %}")
+    template = ChatTemplate(tokenizer, broken, "broken", [tokenizer.eos_token])
+    with pytest.raises(TemplateError, match="renders a conversation's prompt differently"):
+        template.encode(MESSAGES)
+
+
+def test_tokenizer_without_template_asks_for_one(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("glm4"))
+    tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="--template"):
+        ChatTemplate.for_tokenizer(tokenizer)
