@@ -1,0 +1,144 @@
+"""`medtune sft`: packing is exact, the stage runs on GLM-4 and Qwen2 tiny models, bad records stop it, and the
+model learns what it is taught."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from medtune.config import parse_arguments
+from medtune.data.collators import PackedCollator, PaddingCollator
+from medtune.data.loading import load_records
+from medtune.data.sft import best_fit_bins, encode_conversations, pack_examples
+from medtune.models.loader import load_chat_template
+from medtune.stages import sft
+
+from .conftest import REPO, run_medtune
+
+TINY = ["--config", str(REPO / "configs" / "sft_tiny.yaml")]
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    records, _ = load_records(REPO / "data" / "finetune", "sft")
+    return records
+
+
+def test_best_fit_bins_respect_capacity_and_place_everything():
+    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10]
+    bins = best_fit_bins(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 6  # 55 tokens need at least 6 bins of 10
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversations, attention):
+    folder = tiny_model("glm4")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = load_chat_template(str(folder), tokenizer)
+    examples, _ = encode_conversations(conversations[:6], template, max_length=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention, dtype=torch.float32)
+    model.config.use_cache = False
+    model.eval()
+    with torch.no_grad():
+        packed = PackedCollator(tokenizer.pad_token_id)(pack_examples(examples, capacity=4096))
+        assert packed["input_ids"].shape[0] == 1  # all six conversations share one row
+        packed_loss = model(**packed).loss.item()
+        total, count = 0.0, 0
+        for example in examples:
+            single = PaddingCollator(tokenizer.pad_token_id)([example])
+            n = int((single["labels"][0, 1:] != -100).sum())
+            total += model(**single).loss.item() * n
+            count += n
+    assert packed_loss == pytest.approx(total / count, abs=1e-4)
+
+
+def test_packing_reaches_095_real_tokens_on_bundled_data(tiny_model, conversations):
+    folder = tiny_model("glm4")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = load_chat_template(str(folder), tokenizer)
+    examples, stats = encode_conversations(conversations, template, max_length=512)
+    rows = pack_examples(examples, capacity=512)
+    assert sum(len(r["input_ids"]) for r in rows) == stats.tokens  # nothing lost or duplicated
+    batches = [PackedCollator(tokenizer.pad_token_id)(rows[i:i + 4]) for i in range(0, len(rows), 4)]
+    computed = sum(b["input_ids"].numel() for b in batches)
+    assert stats.tokens / computed >= 0.95
+
+
+@pytest.mark.parametrize("arch", ["glm4", "qwen2"])
+def test_sft_cli_writes_adapter_checkpoints_and_tensorboard(tiny_model, tmp_path, arch):
+    out = tmp_path / arch
+    result = run_medtune("sft", *TINY, "--model_name_or_path", str(tiny_model(arch)), "--output_dir", str(out),
+                         "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-6").is_dir()
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["packing"] and stats["train"]["supervised_tokens"] > 0
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before_training"]
+
+
+def test_sft_without_packing_and_with_a_forced_template(tiny_model, tmp_path):
+    out = tmp_path / "o"
+    result = run_medtune("sft", *TINY, "--model_name_or_path", str(tiny_model("glm4")), "--output_dir", str(out),
+                         "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--packing", "false",
+                         "--template", "vicuna", "--neftune_noise_alpha", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = AutoTokenizer.from_pretrained(out)
+    assert "ASSISTANT" in saved.chat_template  # the forced template is what chat/serve will use
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"conversations": [{"from": "doctor", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     ":2: conversations[0].from: unknown role 'doctor'"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": " "}]},
+     ":2: conversations[1].value: empty"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"},
+                        {"from": "gpt", "value": "z"}]}, ":2: conversations[1]: expected an assistant turn"),
+    ({"id": 7}, ":2: conversations: missing"),
+])
+def test_bad_conversation_records_stop_sft_with_exit_code_2(tiny_model, tmp_path, record, expected):
+    data = tmp_path / "data.jsonl"
+    good = {"conversations": [{"from": "human", "value": "头痛？"}, {"from": "gpt", "value": "休息。"}]}
+    data.write_text(json.dumps(good, ensure_ascii=False) + "\n" + json.dumps(record, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    out = tmp_path / "out"
+    result = run_medtune("sft", "--model_name_or_path", str(tiny_model("glm4")), "--train_file_dir", str(data),
+                         "--output_dir", str(out), "--max_steps", "1")
+    assert result.returncode == 2
+    assert f"medtune: error: {data}{expected}" in result.stderr
+    assert "Traceback" not in result.stderr and not list(out.glob("checkpoint-*"))
+
+
+def test_model_learns_to_answer_trained_questions(tiny_model, conversations, tmp_path):
+    subset = [c for c in conversations if len(c.messages) <= 3][:4]
+    data = tmp_path / "subset.jsonl"
+    with open(data, "w", encoding="utf-8") as handle:
+        for conversation in subset:
+            handle.write(json.dumps({"messages": conversation.messages}, ensure_ascii=False) + "\n")
+    out = tmp_path / "out"
+    args = parse_arguments(sft.ARGUMENT_TYPES, [
+        "--model_name_or_path", str(tiny_model("glm4")), "--train_file_dir", str(data), "--output_dir", str(out),
+        "--use_peft", "false", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant", "--max_steps", "60",
+        "--per_device_train_batch_size", "4", "--validation_split_percentage", "0", "--save_strategy", "no",
+        "--report_to", "none", "--logging_steps", "10"])
+    sft.run_sft(*args)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses[-1] < losses[0] / 3  # training loss falls clearly
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    template = load_chat_template(str(out), AutoTokenizer.from_pretrained(out))
+    for conversation in subset:
+        prompt = conversation.messages[:-1]
+        ids = template.prompt_ids(prompt)
+        output = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                eos_token_id=template.stop_token_ids, pad_token_id=template.tokenizer.pad_token_id)
+        reply = template.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+        assert conversation.messages[-1]["content"].startswith(reply[:8]) and len(reply) >= 8, (reply, conversation.source)
+    shutil.rmtree(out)
