@@ -60,6 +60,14 @@ def sft(argv: list[str]) -> int:
     return 0
 
 
+def dpo(argv: list[str]) -> int:
+    from medtune.config import parse_arguments
+    from medtune.stages import dpo as stage
+
+    stage.run_dpo(*parse_arguments(stage.ARGUMENT_TYPES, argv, prog="medtune dpo", description=stage.DESCRIPTION))
+    return 0
+
+
 def merge(argv: list[str]) -> int:
     from medtune.config import parse_arguments
     from medtune.stages import merge as stage
@@ -81,6 +89,7 @@ COMMANDS = {
     "data": (data, "Data tools: `medtune data check PATH...` validates and describes data files."),
     "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
     "sft": (sft, "Supervised fine-tuning on conversations, assistant-only loss, packing (LoRA or full)."),
+    "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }

@@ -2,9 +2,11 @@
 
 from medtune.config.args import (
     DataArguments,
+    DPOTrainingArguments,
     LoraArguments,
     MergeArguments,
     ModelArguments,
+    PreferenceDataArguments,
     PretrainDataArguments,
     PretrainTrainingArguments,
     SFTDataArguments,
@@ -14,6 +16,8 @@ from medtune.config.args import (
 from medtune.config.loader import parse_arguments, save_effective_config
 
 __all__ = [
+    "DPOTrainingArguments",
+    "PreferenceDataArguments",
     "DataArguments",
     "SFTDataArguments",
     "SFTTrainingArguments",

@@ -174,6 +174,34 @@ class SFTDataArguments(DataArguments):
             raise ConfigError(f"model_max_length must be at least 8, got {self.model_max_length}")
 
 
+PREFERENCE_FORMATS = ("auto", "preference", "preference_conversations", "preference_hf")
+
+
+@dataclass
+class PreferenceDataArguments(DataArguments):
+    """Preference pairs: the book's system/history/question/response_chosen/response_rejected records,
+    conversations + chosen/rejected, or Hugging Face prompt/chosen/rejected."""
+
+    data_format: str = field(
+        default="auto", metadata={"help": f"Record format: {', '.join(PREFERENCE_FORMATS)} (auto detects it per file)."}
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "Chat template name, as for sft (default: the tokenizer's own)."}
+    )
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "Longest prompt+answer in tokens. Longer pairs are truncated, never dropped: the prompt "
+                          "keeps its end (at least half the budget if the answers need it) and both answers are cut "
+                          "at the end to the rest. Truncated pairs are counted."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("data_format", self.data_format, PREFERENCE_FORMATS)
+        if self.max_length < 16:
+            raise ConfigError(f"max_length must be at least 16, got {self.max_length}")
+
+
 @dataclass
 class StageTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments (every Trainer option) with medtune's defaults and additions, shared by
@@ -224,6 +252,36 @@ class PretrainTrainingArguments(StageTrainingArguments):
 @dataclass
 class SFTTrainingArguments(StageTrainingArguments):
     output_dir: str = field(default="outputs/sft", metadata={"help": "Where checkpoints and results go."})
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "exo_pair", "discopop", "sigmoid_norm")
+PREFERENCE_METHODS = DPO_LOSSES + ("orpo", "simpo", "kto")
+
+
+@dataclass
+class DPOTrainingArguments(StageTrainingArguments):
+    """Preference optimisation: DPO and its loss variants (TRL's DPOTrainer), ORPO, SimPO (TRL's CPO family) and
+    KTO, selected by `loss_type`."""
+
+    output_dir: str = field(default="outputs/dpo", metadata={"help": "Where checkpoints and results go."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate."})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid (DPO), ipo, hinge (and TRL's other DPO losses), or orpo, simpo, kto."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "Strength of the KL penalty / reward scale (all methods)."})
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute reference log-probs once before training (cached on disk by model and data, "
+                          "reused by re-runs and other loss types): no reference forward pass per step."},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    cpo_alpha: float = field(default=0.0, metadata={"help": "SimPO/CPO: weight of the NLL term on chosen answers."})
+
+    def __post_init__(self):
+        _check_choice("loss_type", self.loss_type, PREFERENCE_METHODS)
+        super().__post_init__()
 
 
 @dataclass

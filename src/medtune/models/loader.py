@@ -100,14 +100,14 @@ def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool 
         raise MedtuneError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
 
 
-def attach_lora(model, lora_args):
-    """Wrap `model` with a fresh LoRA adapter; default targets are all linear layers except the output head."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def lora_config(lora_args):
+    """The peft LoraConfig for these arguments; default targets are all linear layers except the output head."""
+    from peft import LoraConfig, TaskType
 
     targets = lora_args.target_modules
     if not targets or targets == ["all"]:
         targets = "all-linear"
-    config = LoraConfig(
+    return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora_args.lora_rank,
         lora_alpha=lora_args.lora_alpha,
@@ -115,6 +115,14 @@ def attach_lora(model, lora_args):
         target_modules=targets,
         modules_to_save=lora_args.modules_to_save,
     )
+
+
+def attach_lora(model, lora_args):
+    """Wrap `model` with a fresh LoRA adapter (see `lora_config`)."""
+    from peft import get_peft_model
+
+    config = lora_config(lora_args)
+    targets = config.target_modules
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:

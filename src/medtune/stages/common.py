@@ -149,6 +149,9 @@ def finish_training(trainer, train_result, tokenizer, extra: dict | None = None,
     output_dir = Path(trainer.args.output_dir)
     trainer.save_model(str(output_dir))
     metrics = dict(train_result.metrics)
+    # Preference trainers log rewards/* per step; the last values belong with the run's results.
+    for entry in trainer.state.log_history:
+        metrics.update({key: value for key, value in entry.items() if key.startswith("rewards/")})
     main_process = trainer.is_world_process_zero()
     if main_process:
         trainer.log_metrics("train", metrics)

@@ -121,6 +121,17 @@ class ChatTemplate:
         labels += tail if train_on_prompt else [IGNORE_INDEX] * len(tail)
         return EncodedConversation(input_ids, labels)
 
+    def prompt_and_reply(self, prompt: list[dict[str, str]], reply: str) -> tuple[str, str]:
+        """The rendered prompt (exactly what inference renders) and the reply text that follows it in training,
+        stop marker included; used for preference pairs."""
+        text, spans = self.reply_spans(prompt + [{"role": "assistant", "content": reply}])
+        start, end = spans[-1]
+        return text[:start], text[start:end]
+
+    def encode_reply(self, prompt: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+        prompt_text, reply_text = self.prompt_and_reply(prompt, reply)
+        return self._ids(prompt_text), self._ids(reply_text)
+
     @property
     def stop_token_ids(self) -> list[int]:
         ids = self.tokenizer.convert_tokens_to_ids(self.stop_strings)

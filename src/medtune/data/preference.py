@@ -1,0 +1,126 @@
+"""Preference pairs: validated records -> rendered through the shared ChatTemplate -> token ids that fit
+`max_length` by a stated rule (never dropped for length), or rendered strings for TRL's string-based trainers.
+
+Pairs whose chosen and rejected answers are identical carry no preference and are dropped with a count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from medtune.data.loading import load_records, split_records
+from medtune.data.records import PreferencePair
+from medtune.paths import bundled_data_dir, cache_dir
+from medtune.templates.chat import ChatTemplate
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    dropped_identical: int = 0
+    truncated: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_pairs(data_args) -> tuple[list[PreferencePair], list[PreferencePair], int]:
+    """(train pairs, eval pairs, number dropped because chosen == rejected)."""
+    forced = None if data_args.data_format == "auto" else data_args.data_format
+    pairs, _ = load_records(data_args.train_file_dir or bundled_data_dir("reward"), "preference", forced)
+    evaluation = []
+    if data_args.validation_file_dir:
+        evaluation, _ = load_records(data_args.validation_file_dir, "preference", forced)
+    kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
+    evaluation = [p for p in evaluation if p.chosen.strip() != p.rejected.strip()]
+    dropped = len(pairs) - len(kept)
+    if dropped:
+        logger.warning("dropped %d pairs whose chosen and rejected answers are identical", dropped)
+    if not data_args.validation_file_dir:
+        kept, evaluation = split_records(kept, data_args.validation_split_percentage)
+    if data_args.max_train_samples is not None:
+        kept = kept[: data_args.max_train_samples]
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation[: data_args.max_eval_samples]
+    return kept, evaluation, dropped
+
+
+def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int],
+                  max_length: int) -> tuple[list[int], list[int], list[int], bool]:
+    """Make prompt + each answer fit `max_length` tokens.
+
+    The prompt keeps its end (the question being answered), with at least half the budget when the answers would
+    need more; both answers are then cut at the end to what remains.
+    """
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_length:
+        return prompt, chosen, rejected, False
+    prompt_budget = max(max_length - longest, max_length // 2)
+    prompt = prompt[-prompt_budget:]
+    budget = max_length - len(prompt)
+    return prompt, chosen[:budget], rejected[:budget], True
+
+
+def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int) -> tuple[list[dict], PairStats]:
+    """Rows of prompt_ids / chosen_ids / rejected_ids (the columns TRL's DPO collator reads)."""
+    stats = PairStats()
+    rows = []
+    for pair in pairs:
+        prompt, chosen = template.encode_reply(pair.prompt, pair.chosen)
+        prompt_again, rejected = template.encode_reply(pair.prompt, pair.rejected)
+        assert prompt == prompt_again  # the prompt renders the same whatever the answer
+        prompt, chosen, rejected, truncated = fit_to_length(prompt, chosen, rejected, max_length)
+        stats.pairs += 1
+        stats.truncated += truncated
+        stats.prompt_tokens += len(prompt)
+        stats.completion_tokens += len(chosen) + len(rejected)
+        rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    return rows, stats
+
+
+def render_pairs(pairs: list[PreferencePair], template: ChatTemplate) -> list[dict]:
+    """prompt / chosen / rejected strings, for trainers that tokenize text themselves (ORPO, SimPO)."""
+    rows = []
+    for pair in pairs:
+        prompt, chosen = template.prompt_and_reply(pair.prompt, pair.chosen)
+        _, rejected = template.prompt_and_reply(pair.prompt, pair.rejected)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def unpaired_rows(rows: list[dict]) -> list[dict]:
+    """KTO learns from single answers marked desirable or not: each pair gives one of each."""
+    out = []
+    for row in rows:
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return out
+
+
+def cached_dataset(rows: list[dict], name: str, identity: str, data_cache_dir: str | None):
+    """Rows saved under a content-addressed folder and loaded back memory-mapped.
+
+    A dataset on disk has a stable fingerprint and a cache folder, which is where TRL keeps precomputed
+    reference log-probs: a re-run, or another loss type on the same model and data, finds them there.
+    """
+    import datasets
+    from filelock import FileLock
+
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{identity}|".encode())
+    digest.update(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode())
+    folder = Path(data_cache_dir or cache_dir("tokenized")) / f"{name}-{digest.hexdigest()[:20]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "dataset_info.json").is_file():
+            datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    return datasets.load_from_disk(str(folder))
