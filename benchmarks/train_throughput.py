@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --stage pt  [--steps 30] [--block_size 128] [--batch_size 8]
     python benchmarks/train_throughput.py --stage sft [--steps 20] [--batch_size 4]   (packing on, then off)
+    python benchmarks/train_throughput.py --stage dpo [--steps 10] [--batch_size 4]   (vs LoRA sft, each alone)
 
 Prints tokens/s (every computed position), real tokens/s (excluding padding), samples/s, peak RSS in MB, wall
 seconds and the real-token fraction of what was computed, for a fixed tiny configuration on the bundled data.
@@ -125,9 +126,79 @@ def bench_sft(args, packing: bool) -> dict:
     }
 
 
+def bench_dpo(args, precompute: bool) -> dict:
+    """LoRA DPO on the bundled pairs; computed and real tokens counted in TRL's own collator."""
+    import torch
+    from trl.trainer import dpo_trainer
+
+    import medtune.stages.dpo as dpo_stage
+    from medtune.config import parse_arguments
+
+    counts = {"computed": 0, "real": 0, "paused": False}
+    original = dpo_trainer.DataCollatorForPreference.torch_call
+    original_precompute = dpo_trainer.DPOTrainer._precompute_ref_logps
+
+    def counting(self, examples):
+        batch = original(self, examples)
+        if not counts["paused"]:
+            counts["computed"] += batch["input_ids"].numel()
+            counts["real"] += int(torch.as_tensor(batch["attention_mask"]).sum())
+        return batch
+
+    def precompute_uncounted(self, *a, **k):
+        # the one-off reference pass before training is not part of the timed training steps
+        counts["paused"] = True
+        try:
+            return original_precompute(self, *a, **k)
+        finally:
+            counts["paused"] = False
+
+    with tempfile.TemporaryDirectory() as scratch:
+        argv = ["--output_dir", scratch, "--report_to", "none", "--max_steps", str(args.steps),
+                "--per_device_train_batch_size", str(args.batch_size), "--max_length", str(args.max_length),
+                "--validation_split_percentage", "0", "--save_strategy", "no", "--logging_steps", str(args.steps),
+                "--precompute_ref_log_probs", str(precompute).lower(), "--data_cache_dir", scratch]
+        configs = parse_arguments(dpo_stage.ARGUMENT_TYPES, argv)
+        dpo_trainer.DataCollatorForPreference.torch_call = counting
+        dpo_trainer.DPOTrainer._precompute_ref_logps = precompute_uncounted
+        try:
+            started = time.perf_counter()
+            dpo_stage.run_dpo(*configs)
+            wall = time.perf_counter() - started
+        finally:
+            dpo_trainer.DataCollatorForPreference.torch_call = original
+            dpo_trainer.DPOTrainer._precompute_ref_logps = original_precompute
+        state = json.loads((Path(scratch) / "trainer_state.json").read_text())
+    runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
+    return {
+        "stage": "dpo",
+        "precompute_ref_log_probs": precompute,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "tokens_per_s": round(counts["computed"] / runtime, 1),
+        "real_tokens_per_s": round(counts["real"] / runtime, 1),
+        "real_token_fraction": round(counts["real"] / counts["computed"], 4),
+        "train_runtime_s": round(runtime, 2),
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def run_alone(*flags: str) -> dict:
+    """Run one benchmark in a fresh process, so its peak RSS is its own."""
+    import subprocess
+
+    output = subprocess.run([sys.executable, __file__, *flags], check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["pt", "sft"], default="pt")
+    parser.add_argument("--stage", choices=["pt", "sft", "dpo"], default="pt")
+    parser.add_argument("--max_length", type=int, default=512, help="dpo: longest prompt+answer (sft uses the same).")
+    parser.add_argument("--precompute", choices=["both", "true", "false"], default="both", help="dpo only.")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps (default: pt 30, sft 20).")
     parser.add_argument("--block_size", type=int, default=128, help="pt only.")
     parser.add_argument("--batch_size", type=int, default=None, help="Per-device batch (default: pt 8, sft 4).")
@@ -141,6 +212,21 @@ def main() -> int:
         if args.stage == "pt":
             args.steps, args.batch_size = args.steps or 30, args.batch_size or 8
             print(json.dumps(bench_pt(args)), file=out)
+            return 0
+        if args.stage == "dpo":
+            args.steps, args.batch_size = args.steps or 10, args.batch_size or 4
+            if args.worker:
+                print(json.dumps(bench_dpo(args, args.precompute == "true")), file=out)
+                return 0
+            common = ["--steps", str(args.steps), "--batch_size", str(args.batch_size)]
+            sft_line = run_alone("--stage", "sft", "--packing", "false", *common)
+            print(json.dumps(sft_line), file=out, flush=True)
+            modes = {"both": ("false", "true"), "true": ("true",), "false": ("false",)}[args.precompute]
+            for precompute in modes:
+                line = run_alone("--stage", "dpo", "--worker", "--precompute", precompute,
+                                 "--max_length", str(args.max_length), *common)
+                line["rss_ratio_vs_lora_sft"] = round(line["peak_rss_mb"] / sft_line["peak_rss_mb"], 3)
+                print(json.dumps(line), file=out, flush=True)
             return 0
         args.steps, args.batch_size = args.steps or 20, args.batch_size or 4
         modes = {"both": (True, False), "true": (True,), "false": (False,)}[args.packing]
