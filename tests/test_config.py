@@ -7,7 +7,7 @@ import yaml
 from medtune.config import parse_arguments
 from medtune.config.loader import EFFECTIVE_CONFIG_NAME, save_effective_config
 from medtune.errors import ConfigError
-from medtune.stages import merge, pt
+from medtune.stages import dpo, merge, pt, sft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def test_invalid_values_are_config_errors():
 def test_every_shipped_config_loads(config):
     import torch
 
-    types = merge.ARGUMENT_TYPES if config.name.startswith("merge") else pt.ARGUMENT_TYPES
+    stage = {"pt": pt, "sft": sft, "dpo": dpo, "merge": merge}[config.name.split("_")[0]]
+    types = stage.ARGUMENT_TYPES
     # GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine; every key is still checked.
     cpu_only = [] if torch.cuda.is_available() or not yaml.safe_load(config.read_text()).get("bf16") else [
         "--bf16", "false"]

@@ -18,6 +18,11 @@ GOOD_CHAT = {"conversations": [{"from": "human", "value": "头痛怎么办？"},
 GOOD_PAIR = {"system": "", "history": [], "question": "孕妇能用多西环素吗？", "response_chosen": "不建议。",
              "response_rejected": "可以。"}
 
+GOOD_ITEM = {"id": "t-1", "exam_type": "医师考试", "exam_class": "执业医师", "exam_subject": "药理学",
+             "question": "妊娠期应避免使用的抗菌药物是", "option": {"A": "阿莫西林", "B": "头孢呋辛", "C": "多西环素",
+                                                                    "D": "阿奇霉素"},
+             "answer": "C", "question_type": "单项选择题"}
+
 CASES = {
     # name: (kind, file name, content, expected "line: field: message" fragment)
     "text-truncated-json": ("text", "a.jsonl", jsonl({"text": "高血压"}, '{"text": "糖尿'), ":2: invalid JSON"),
@@ -41,6 +46,16 @@ CASES = {
                               ":2: response_rejected: missing"),
     "pref-bad-history": ("preference", "p.jsonl", jsonl(dict(GOOD_PAIR, history=[["只有问题"]])),
                          ":1: history[0]: expected a [question, answer] pair"),
+    "exam-answer-not-an-option": ("exam", "e.json", json.dumps([dict(GOOD_ITEM), dict(GOOD_ITEM, answer="E")],
+                                                               ensure_ascii=False, indent=1).encode(),
+                                  ":11: answer: 'E' names an option that does not exist"),
+    "exam-single-with-two-answers": ("exam", "e.jsonl", jsonl(GOOD_ITEM, dict(GOOD_ITEM, answer="AB")),
+                                     ":2: answer: a 单项选择题 has exactly one answer"),
+    "exam-bad-question-type": ("exam", "e.jsonl", jsonl(dict(GOOD_ITEM, question_type="判断题")),
+                               ":1: question_type: expected 单项选择题 or 多项选择题"),
+    "clin-missing-solution": ("clin", "c.jsonl", jsonl({"id": 1, "title": "t", "description": "d",
+                                                         "QA_pairs": [{"question": "q"}]}),
+                              ":1: QA_pairs[0].solution: missing"),
     "json-array-line-numbers": ("text", "a.json", b'[\n  {"text": "a"},\n  {"text": ""}\n]\n',
                                 ":3: text: empty"),
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medtune.data.loading import KIND_SUFFIXES, read_file
 from medtune.data.readers import list_data_files
-from medtune.data.records import FORMAT_KEYS, Conversation, PreferencePair, TextDocument
+from medtune.data.records import FORMAT_KEYS, ClinCase, Conversation, ExamItem, PreferencePair, TextDocument
 from medtune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,12 @@ def render_for_length(record, tokenizer) -> list[str]:
         return [record.text]
     if isinstance(record, Conversation):
         return [tokenizer.apply_chat_template(record.messages, tokenize=False)]
-    assert isinstance(record, PreferencePair)
+    if isinstance(record, ExamItem):
+        return [record.question + "\n" + "\n".join(f"{k}. {v}" for k, v in record.options.items())]
+    if isinstance(record, ClinCase):
+        return [record.description + "".join(p["question"] + p["solution"] for p in record.qa_pairs)]
+    if not isinstance(record, PreferencePair):
+        return []
     return [tokenizer.apply_chat_template(record.prompt + [{"role": "assistant", "content": answer}], tokenize=False)
             for answer in (record.chosen, record.rejected)]
 

@@ -21,8 +21,10 @@ from medtune.data.readers import (
 from medtune.data.records import FORMAT_KEYS, FORMAT_KIND, RecordProblem, TextDocument, convert, detect_format
 from medtune.errors import Problem
 
-KIND_SUFFIXES = {"text": TEXT_SUFFIXES + JSON_SUFFIXES, "sft": JSON_SUFFIXES, "preference": JSON_SUFFIXES}
-KIND_COMMAND = {"text": "medtune pt", "sft": "medtune sft", "preference": "medtune dpo"}
+KIND_SUFFIXES = {"text": TEXT_SUFFIXES + JSON_SUFFIXES, "sft": JSON_SUFFIXES, "preference": JSON_SUFFIXES,
+                 "exam": JSON_SUFFIXES, "clin": JSON_SUFFIXES, "answers": JSON_SUFFIXES}
+KIND_COMMAND = {"text": "medtune pt", "sft": "medtune sft", "preference": "medtune dpo",
+                "exam": "medtune eval cmb-exam", "clin": "medtune eval cmb-clin", "answers": "medtune eval cmb-score"}
 
 
 @dataclass

@@ -36,6 +36,52 @@ class PreferencePair:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ExamItem:
+    """A CMB-Exam multiple-choice item; `answer` is None for a test item whose answers live in another file."""
+
+    id: str
+    exam_type: str
+    exam_class: str
+    question_type: str
+    question: str
+    options: dict[str, str]
+    answer: str | None = None
+    exam_subject: str = ""
+    explanation: str = ""
+    source: str = ""
+
+    @property
+    def multiple(self) -> bool:
+        return self.question_type == MULTIPLE_CHOICE
+
+
+@dataclass
+class ClinCase:
+    """A CMB-Clin case: a description and ordered questions with reference solutions."""
+
+    id: str
+    title: str
+    description: str
+    qa_pairs: list[dict[str, str]]
+    source: str = ""
+
+
+@dataclass
+class AnswerKey:
+    """One line of an answer file (`[{"id", "answer", "exam_type", "exam_class"}]`)."""
+
+    id: str
+    answer: str
+    exam_type: str = ""
+    exam_class: str = ""
+    source: str = ""
+
+
+SINGLE_CHOICE, MULTIPLE_CHOICE = "单项选择题", "多项选择题"
+OPTION_LETTERS = "ABCDEFG"
+
+
 class RecordProblem(Exception):
     """A record that cannot be converted; `field` names the offending key (dotted for nested ones)."""
 
@@ -54,10 +100,14 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "openai": ("messages",),
     "alpaca": ("instruction",),
     "text": ("text",),
+    "cmb_exam": ("question", "option"),
+    "cmb_clin": ("QA_pairs",),
+    "cmb_answers": ("id", "answer"),
 }
 FORMAT_KIND = {
     "preference": "preference", "preference_conversations": "preference", "preference_hf": "preference",
     "sharegpt": "sft", "openai": "sft", "alpaca": "sft", "text": "text",
+    "cmb_exam": "exam", "cmb_clin": "clin", "cmb_answers": "answers",
 }
 
 
@@ -194,6 +244,75 @@ def to_preference(record: dict, fmt: str) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected)
 
 
+def _identifier(record: dict) -> str:
+    value = record.get("id")
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+        raise RecordProblem("id", "missing" if value is None else "expected a non-empty string or integer")
+    return str(value)
+
+
+def normalise_letters(value: str) -> str:
+    """'C,A' / 'ca' / 'A、C' -> 'AC': the sorted set of option letters."""
+    return "".join(sorted({c for c in value.upper() if c in OPTION_LETTERS}))
+
+
+def _answer(record: dict, key: str, options: dict[str, str] | None) -> str:
+    raw = _text(record, key)
+    letters = normalise_letters(raw)
+    if not letters or any(not (c in OPTION_LETTERS or c in " ,，、") for c in raw.strip().upper()):
+        raise RecordProblem(key, f"expected option letters such as 'B' or 'ACD', got {raw!r}")
+    if options is not None and not set(letters) <= set(options):
+        raise RecordProblem(key, f"{raw!r} names an option that does not exist (options: {''.join(sorted(options))})")
+    return letters
+
+
+def to_exam_item(record: dict) -> ExamItem:
+    options = record.get("option")
+    if not isinstance(options, dict) or not options:
+        raise RecordProblem("option", "expected an object of letter: text, e.g. {\"A\": \"...\", \"B\": \"...\"}")
+    for letter, text in options.items():
+        if letter not in OPTION_LETTERS:
+            raise RecordProblem(f"option.{letter}", f"option keys must be single letters {OPTION_LETTERS[0]}-"
+                                                    f"{OPTION_LETTERS[-1]}")
+        if not isinstance(text, str) or not text.strip():
+            raise RecordProblem(f"option.{letter}", "expected non-empty text")
+    question_type = _text(record, "question_type")
+    if question_type not in (SINGLE_CHOICE, MULTIPLE_CHOICE):
+        raise RecordProblem("question_type", f"expected {SINGLE_CHOICE} or {MULTIPLE_CHOICE}, got {question_type!r}")
+    answer = _answer(record, "answer", options) if record.get("answer") not in (None, "") else None
+    if answer is not None and question_type == SINGLE_CHOICE and len(answer) != 1:
+        raise RecordProblem("answer", f"a {SINGLE_CHOICE} has exactly one answer, got {answer!r}")
+    return ExamItem(
+        id=_identifier(record), exam_type=_text(record, "exam_type"), exam_class=_text(record, "exam_class"),
+        question_type=question_type, question=_text(record, "question"), options=dict(sorted(options.items())),
+        answer=answer, exam_subject=_text(record, "exam_subject", required=False, allow_empty=True),
+        explanation=_text(record, "explanation", required=False, allow_empty=True),
+    )
+
+
+def to_clin_case(record: dict) -> ClinCase:
+    pairs = record.get("QA_pairs")
+    if not isinstance(pairs, list) or not pairs:
+        raise RecordProblem("QA_pairs", "expected a non-empty list of {question, solution}")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise RecordProblem(f"QA_pairs[{i}]", "expected an object with question and solution")
+        for key in ("question", "solution"):
+            try:
+                _text(pair, key)
+            except RecordProblem as exc:
+                raise RecordProblem(f"QA_pairs[{i}].{key}", exc.message) from None
+    return ClinCase(_identifier(record), _text(record, "title", required=False, allow_empty=True),
+                    _text(record, "description"), [{"question": p["question"], "solution": p["solution"]}
+                                                   for p in pairs])
+
+
+def to_answer_key(record: dict) -> AnswerKey:
+    return AnswerKey(_identifier(record), _answer(record, "answer", None),
+                     _text(record, "exam_type", required=False, allow_empty=True),
+                     _text(record, "exam_class", required=False, allow_empty=True))
+
+
 def convert(record: Any, fmt: str):
     """Convert one raw record of format `fmt` into its internal shape; raises `RecordProblem`."""
     if not isinstance(record, dict):
@@ -203,4 +322,10 @@ def convert(record: Any, fmt: str):
         return to_document(record)
     if kind == "sft":
         return to_conversation(record, fmt)
+    if kind == "exam":
+        return to_exam_item(record)
+    if kind == "clin":
+        return to_clin_case(record)
+    if kind == "answers":
+        return to_answer_key(record)
     return to_preference(record, fmt)
