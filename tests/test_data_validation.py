@@ -48,7 +48,7 @@ CASES = {
                          ":1: history[0]: expected a [question, answer] pair"),
     "exam-answer-not-an-option": ("exam", "e.json", json.dumps([dict(GOOD_ITEM), dict(GOOD_ITEM, answer="E")],
                                                                ensure_ascii=False, indent=1).encode(),
-                                  ":11: answer: 'E' names an option that does not exist"),
+                                  ":17: answer: 'E' names an option that does not exist"),
     "exam-single-with-two-answers": ("exam", "e.jsonl", jsonl(GOOD_ITEM, dict(GOOD_ITEM, answer="AB")),
                                      ":2: answer: a 单项选择题 has exactly one answer"),
     "exam-bad-question-type": ("exam", "e.jsonl", jsonl(dict(GOOD_ITEM, question_type="判断题")),
