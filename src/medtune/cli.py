@@ -68,6 +68,44 @@ def dpo(argv: list[str]) -> int:
     return 0
 
 
+EVAL_COMMANDS = {
+    "cmb-exam": "CMB-Exam multiple choice: likelihood or generate mode, official prompts and scoring",
+    "cmb-score": "score any answer file [{id, model_answer}] against an answer key",
+    "cmb-clin": "CMB-Clin clinical cases: multi-turn consultation, ROUGE-L/BLEU, optional LLM judge",
+    "safety": "the bundled drug-safety probe (pregnancy, lactation, children, elderly, allergy, interactions)",
+    "ppl": "perplexity on held-out medical text",
+}
+
+
+def evaluate(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in EVAL_COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            raise ConfigError(f"unknown eval command {argv[0]!r}; one of {', '.join(EVAL_COMMANDS)}")
+        print("usage: medtune eval <command> [options]\n\ncommands:")
+        print("\n".join(f"  {name:<10} {text}" for name, text in EVAL_COMMANDS.items()))
+        print("\n`medtune eval <command> --help` lists the options.")
+        return 0
+    from medtune.config import EvalArguments, ModelArguments, parse_arguments
+    from medtune.eval import runner
+
+    command = argv[0]
+    model_args, eval_args = parse_arguments((ModelArguments, EvalArguments), argv[1:], prog=f"medtune eval {command}",
+                                            description=EVAL_COMMANDS[command])
+    if command == "cmb-exam":
+        runner.run_exam(model_args, eval_args)
+    elif command == "safety":
+        runner.run_exam(model_args, eval_args, default_data=runner.SAFETY_PROBE, title="Drug-safety probe")
+    elif command == "cmb-score":
+        runner.run_score(eval_args)
+    elif command == "ppl":
+        runner.run_perplexity(model_args, eval_args)
+    else:
+        from medtune.eval import clin
+
+        clin.run_clin(model_args, eval_args)
+    return 0
+
+
 def merge(argv: list[str]) -> int:
     from medtune.config import parse_arguments
     from medtune.stages import merge as stage
@@ -90,6 +128,7 @@ COMMANDS = {
     "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
     "sft": (sft, "Supervised fine-tuning on conversations, assistant-only loss, packing (LoRA or full)."),
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
+    "eval": (evaluate, "Evaluate: cmb-exam, cmb-score, cmb-clin, safety, ppl (local model or OpenAI endpoint)."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }

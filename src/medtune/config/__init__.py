@@ -3,6 +3,7 @@
 from medtune.config.args import (
     DataArguments,
     DPOTrainingArguments,
+    EvalArguments,
     LoraArguments,
     MergeArguments,
     ModelArguments,
@@ -16,6 +17,7 @@ from medtune.config.args import (
 from medtune.config.loader import parse_arguments, save_effective_config
 
 __all__ = [
+    "EvalArguments",
     "DPOTrainingArguments",
     "PreferenceDataArguments",
     "DataArguments",

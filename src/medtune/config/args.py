@@ -284,6 +284,61 @@ class DPOTrainingArguments(StageTrainingArguments):
         super().__post_init__()
 
 
+EVAL_MODES = ("auto", "likelihood", "generate")
+
+
+@dataclass
+class EvalArguments:
+    """What to evaluate, against what, and how (all `medtune eval` commands)."""
+
+    adapter_name_or_path: str | None = field(
+        default=None, metadata={"help": "A LoRA adapter applied to the model without merging."}
+    )
+    endpoint: str | None = field(
+        default=None, metadata={"help": "An OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of a local "
+                                        "model; generate mode only."},
+    )
+    endpoint_model: str = field(default="default", metadata={"help": "The model name sent to the endpoint."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "CMB folder with test.json, test_answers.json, val.json, clin.json (default: "
+                                        "the bundled data/eval/cmb), or a file."},
+    )
+    split: str = field(default="test", metadata={"help": "cmb-exam: test or val."})
+    answers_file: str | None = field(
+        default=None, metadata={"help": "Answer key keyed by id (default: <data_dir>/test_answers.json for test)."}
+    )
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where answers and results are written."})
+    mode: str = field(
+        default="auto", metadata={"help": "likelihood (compare option scores; local models), generate (decode and "
+                                          "extract), or auto (likelihood locally, generate for an endpoint)."},
+    )
+    cot: bool = field(default=False, metadata={"help": "Chain-of-thought prompt (official CoT wording)."})
+    shots: int = field(default=0, metadata={"help": "Few-shot examples from the val split (with explanations)."})
+    official: bool = field(
+        default=False, metadata={"help": "Reproduce the official scripts' quirks (drop one-character options; "
+                                         "collect every A-G letter when the answer pattern misses)."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass / generate call."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Generation length (official CMB setting: 512)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items / cases."})
+    template: str | None = field(default=None, metadata={"help": "Chat template name (default: the tokenizer's)."})
+    predictions: str | None = field(default=None, metadata={"help": "cmb-score: an answer file [{id, model_answer}]."})
+    truth: str | None = field(default=None, metadata={"help": "cmb-score: answer key [{id, exam_type, exam_class, "
+                                                              "answer}]."})
+    judge_endpoint: str | None = field(
+        default=None, metadata={"help": "cmb-clin: an OpenAI-compatible endpoint that scores answers with the "
+                                        "official four-criterion rubric."},
+    )
+    judge_model: str = field(default="default", metadata={"help": "cmb-clin: the judge's model name."})
+    block_size: int = field(default=512, metadata={"help": "ppl: tokens per evaluation block."})
+
+    def __post_init__(self):
+        _check_choice("mode", self.mode, EVAL_MODES)
+        _check_choice("split", self.split, ("test", "val"))
+        if self.shots < 0 or self.batch_size < 1:
+            raise ConfigError("shots must be >= 0 and batch_size >= 1")
+
+
 @dataclass
 class MergeArguments:
     """Fold a LoRA adapter into its base model and save a standalone model."""

@@ -1,0 +1,174 @@
+"""What evaluation talks to: a local model folder (optionally + a LoRA adapter, unmerged) or an OpenAI-compatible
+endpoint (vLLM, `medtune serve`). Both render prompts through the same ChatTemplate as training."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from medtune.errors import ConfigError, MedtuneError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Choice:
+    """A multiple-choice question as the backend sees it."""
+
+    messages: list[dict[str, str]]
+    letters: str  # the option letters offered, e.g. "ABCDE"
+    multiple: bool  # any non-empty set of letters may be the answer
+
+
+def answer_candidates(letters: str, multiple: bool) -> list[str]:
+    """Every answer a model could give: one letter, or (multiple choice) every non-empty sorted letter set."""
+    if not multiple:
+        return list(letters)
+    return ["".join(c) for size in range(1, len(letters) + 1) for c in itertools.combinations(letters, size)]
+
+
+class LocalBackend:
+    """A model folder on this machine (GPU if available), scored in batches."""
+
+    def __init__(self, model_path: str | None, adapter: str | None = None, template: str | None = None,
+                 torch_dtype: str = "auto", trust_remote_code: bool = False, batch_size: int = 8):
+        import torch
+
+        from medtune.models.loader import load_chat_template, load_model, load_tokenizer, resolve_model_path
+
+        model_path = resolve_model_path(model_path)
+        self.tokenizer = load_tokenizer(adapter or model_path, trust_remote_code) if adapter and _has_tokenizer(
+            adapter) else load_tokenizer(model_path, trust_remote_code)
+        self.template = load_chat_template(model_path, self.tokenizer, template)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch_dtype if torch_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        model = load_model(model_path, torch_dtype=dtype, trust_remote_code=trust_remote_code)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        self.model = model.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.name = model_path if not adapter else f"{model_path}+{adapter}"
+
+    # -- likelihood -------------------------------------------------------------------------------------------
+
+    def _candidate_sequences(self, choice: Choice) -> tuple[list[int], list[tuple[str, list[int]]], bool]:
+        """(prompt ids, [(candidate, reply ids)], whether the first reply token alone decides)."""
+        prompt = self.template.prompt_ids(choice.messages)
+        candidates = [(c, self.template.encode_reply(choice.messages, c)[1])
+                      for c in answer_candidates(choice.letters, choice.multiple)]
+        first_tokens = [ids[0] for _, ids in candidates]
+        single_token = not choice.multiple and len(set(first_tokens)) == len(first_tokens)
+        return prompt, candidates, single_token
+
+    def choose(self, choices: list[Choice]) -> list[tuple[str, dict[str, float]]]:
+        """For each question, the highest-scoring answer and every candidate's log-probability.
+
+        Single choice: the log-probability of each option letter as the reply's first token (one sequence per
+        question). Multiple choice: the log-probability of the whole reply -- the sorted letters and the stop
+        marker -- for every non-empty letter set, so the model's choice of where to stop counts.
+        """
+        import torch
+
+        jobs = []  # (question index, candidate or None, ids, reply length)
+        plans = []
+        for index, choice in enumerate(choices):
+            prompt, candidates, single_token = self._candidate_sequences(choice)
+            plans.append((candidates, single_token))
+            if single_token:
+                jobs.append((index, None, prompt, 0))
+            else:
+                jobs += [(index, name, prompt + reply, len(reply)) for name, reply in candidates]
+        scores: list[dict[str, float]] = [{} for _ in choices]
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start:start + self.batch_size]
+            width = max(len(ids) for _, _, ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (_, _, ids, _) in enumerate(batch):  # right padding: real positions are unaffected
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention[row, :len(ids)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=attention.to(self.device)).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            for row, (index, name, ids, reply_length) in enumerate(batch):
+                candidates, single_token = plans[index]
+                if single_token:
+                    last = log_probs[row, len(ids) - 1]
+                    for candidate, reply in candidates:
+                        scores[index][candidate] = last[reply[0]].item()
+                else:
+                    positions = torch.arange(len(ids) - reply_length - 1, len(ids) - 1, device=log_probs.device)
+                    targets = torch.tensor(ids[len(ids) - reply_length:], device=log_probs.device)
+                    scores[index][name] = log_probs[row, positions, targets].sum().item()
+        return [(max(s, key=s.get), s) for s in scores]
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 512) -> list[str]:
+        """Greedy replies, generated in left-padded batches."""
+        import torch
+
+        replies = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(conversations), self.batch_size):
+            prompts = [self.template.prompt_ids(m) for m in conversations[start:start + self.batch_size]]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+            with torch.no_grad():
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                                             max_new_tokens=max_new_tokens, eos_token_id=self.template.stop_token_ids,
+                                             pad_token_id=pad)
+            replies += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+        return replies
+
+
+def _has_tokenizer(folder: str) -> bool:
+    from pathlib import Path
+
+    return (Path(folder) / "tokenizer_config.json").is_file()
+
+
+class EndpointBackend:
+    """Any OpenAI-compatible chat endpoint; requests run concurrently."""
+
+    def __init__(self, endpoint: str, model: str = "default", concurrency: int = 8, timeout: float = 600,
+                 api_key: str | None = None):
+        self.url = endpoint.rstrip("/") + ("" if endpoint.rstrip("/").endswith("/chat/completions")
+                                           else "/v1/chat/completions")
+        self.model_name, self.concurrency, self.timeout, self.api_key = model, concurrency, timeout, api_key
+        self.name = f"{endpoint} ({model})"
+
+    def choose(self, choices):
+        raise ConfigError("--mode likelihood needs a local model (logits); use --mode generate with --endpoint")
+
+    def _one(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        body = json.dumps({"model": self.model_name, "messages": messages, "max_tokens": max_new_tokens,
+                           "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = json.loads(response.read())
+        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
+            raise MedtuneError(f"{self.url}: request failed ({exc})") from None
+        try:
+            return (payload["choices"][0]["message"]["content"] or "").strip()
+        except (KeyError, IndexError, TypeError):
+            raise MedtuneError(f"{self.url}: unexpected response {str(payload)[:200]}") from None
+
+    def generate(self, conversations, max_new_tokens: int = 512) -> list[str]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda m: self._one(m, max_new_tokens), conversations))

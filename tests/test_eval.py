@@ -1,0 +1,225 @@
+"""`medtune eval`: CMB prompts, answer extraction, official scoring, likelihood mode checked against an
+independent computation, resumability, endpoints, the safety probe and perplexity."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from medtune.data.loading import load_records
+from medtune.data.records import AnswerKey
+from medtune.eval.backends import answer_candidates
+from medtune.eval.cmb import extract_answer, item_messages, item_prompt, score
+from medtune.models.loader import load_chat_template
+
+from .conftest import REPO, run_medtune
+
+CMB = REPO / "data" / "eval" / "cmb"
+
+EXTRACTION = {
+    "答案是A": "A",
+    "A、C": "AC",
+    "正确答案：BD": "BD",
+    "选C。": "C",
+    "逐项分析：A项错误，B项也不对，D项片面……所以答案是E": "E",
+    "B": "B",
+    "B. 多西环素": "B",
+    "（D）": "D",
+    "答案应该为 A、C": "AC",
+    "正确选项为D，因为华法林与布洛芬合用增加出血风险。": "D",
+    "本题选B": "B",
+    "The answer is C.": "C",
+    "ACE抑制剂可引起干咳。": "",  # a word that starts with capitals is not an answer
+    "我无法确定，请咨询医生。": "",
+    "答案是F": "",  # not one of the options
+}
+
+
+@pytest.mark.parametrize("reply", sorted(EXTRACTION))
+def test_answer_extraction_on_realistic_replies(reply):
+    assert extract_answer(reply, "ABCDE") == EXTRACTION[reply]
+
+
+def test_official_mode_reproduces_the_capital_letter_fallback():
+    # the official fallback collects every A-G capital, which turns "ACE抑制剂" into an answer
+    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True) == "ACE"
+    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE") == ""
+
+
+def test_prompt_follows_the_official_wording_and_official_mode_drops_one_character_options():
+    items, _ = load_records(CMB / "val.json", "exam")
+    item = items[0]
+    prompt = item_prompt(item)
+    assert prompt.startswith(f"以下是中国{item.exam_type}中{item.exam_class}考试的一道{item.question_type}，"
+                             "不需要做任何分析和解释，直接输出答案选项。\n" + item.question)
+    assert prompt.endswith("\n".join(f"{k}. {v}" for k, v in item.options.items()))
+    assert "请分析每个选项，并最后给出答案。" in item_prompt(item, cot=True)
+    item.options["E"] = "无"
+    assert "E. 无" in item_prompt(item) and "E. 无" not in item_prompt(item, official=True)
+    shots = item_messages(item, items[1:3], cot=True)
+    assert [m["role"] for m in shots] == ["user", "assistant", "user", "assistant", "user"]
+    assert shots[1]["content"].endswith(f"所以答案是{items[1].answer}。")
+
+
+def official_reference_score(predictions: dict, truth: list[dict]) -> dict:
+    """A straight reimplementation of the official per-class / per-type averaging."""
+    per_class = defaultdict(lambda: [0, 0])
+    for row in truth:
+        key = (row["exam_type"], row["exam_class"])
+        per_class[key][1] += 1
+        if "".join(sorted(predictions.get(row["id"], ""))) == "".join(sorted(row["answer"])):
+            per_class[key][0] += 1
+    class_accuracy = {k: right / total for k, (right, total) in per_class.items()}
+    per_type = defaultdict(list)
+    for (exam_type, _), accuracy in class_accuracy.items():
+        per_type[exam_type].append(accuracy)
+    type_accuracy = {t: sum(v) / len(v) for t, v in per_type.items()}
+    return {"class": class_accuracy, "type": type_accuracy,
+            "overall": sum(type_accuracy.values()) / len(type_accuracy)}
+
+
+def test_scorer_matches_a_reimplementation_of_the_official_averaging():
+    truth = json.loads((CMB / "test_answers.json").read_text(encoding="utf-8"))
+    # a hand-made answer file: right, wrong, partially right (no credit), unordered, missing
+    predictions = {}
+    for n, row in enumerate(truth):
+        answer = row["answer"]
+        predictions[row["id"]] = [answer, "A" if answer != "A" else "B", answer[:-1] or "E", answer[::-1], ""][n % 5]
+    ours = score(predictions, [AnswerKey(r["id"], r["answer"], r["exam_type"], r["exam_class"]) for r in truth])
+    reference = official_reference_score(predictions, truth)
+    assert ours.by_class == pytest.approx(reference["class"])
+    assert ours.by_type == pytest.approx(reference["type"])
+    assert ours.overall == pytest.approx(reference["overall"])
+    assert 0 < ours.overall < 1
+
+
+def test_likelihood_mode_matches_an_unbatched_reference(glm4_dir):
+    from medtune.eval.backends import Choice, LocalBackend
+
+    items, _ = load_records(CMB / "test.json", "exam")
+    items = items[:110]
+    assert sum(i.multiple for i in items) >= 10
+    backend = LocalBackend(str(glm4_dir), batch_size=16)
+    choices = [Choice(item_messages(i, []), "".join(i.options), i.multiple) for i in items]
+    batched = backend.choose(choices)
+
+    tokenizer = AutoTokenizer.from_pretrained(glm4_dir)
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(glm4_dir, dtype=torch.float32).eval()
+    for item, choice, (prediction, _) in zip(items, choices, batched):
+        scores = {}
+        for candidate in answer_candidates(choice.letters, item.multiple):
+            prompt, reply = template.encode_reply(choice.messages, candidate)
+            if not item.multiple:
+                reply = reply[:1]  # single choice is decided by the letter itself
+            ids = torch.tensor([prompt + reply])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            scores[candidate] = sum(log_probs[len(prompt) - 1 + k, token].item() for k, token in enumerate(reply))
+        best = max(scores, key=scores.get)
+        # identical, or a tie within float noise between batched and unbatched arithmetic
+        assert prediction == best or abs(scores[prediction] - scores[best]) < 1e-4, item.id
+
+
+def test_cmb_exam_cli_writes_answers_and_results_and_cmb_score_agrees(tmp_path):
+    out = tmp_path / "exam"
+    result = run_medtune("eval", "cmb-exam", "--data_dir", str(CMB), "--output_dir", str(out), "--limit", "30")
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads((out / "answers.json").read_text())
+    assert len(answers) == 30 and set(answers[0]) == {"id", "model_answer"}
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").is_file() and (out / "results.png").is_file()
+
+    truth = [r for r in json.loads((CMB / "test_answers.json").read_text()) if r["id"] in {a["id"] for a in answers}]
+    (tmp_path / "truth.json").write_text(json.dumps(truth, ensure_ascii=False), encoding="utf-8")
+    scored = run_medtune("eval", "cmb-score", "--predictions", str(out / "answers.json"), "--truth",
+                         str(tmp_path / "truth.json"), "--output_dir", str(tmp_path / "score"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    rescored = json.loads((tmp_path / "score" / "results.json").read_text())
+    assert rescored["overall"] == pytest.approx(results["overall"])
+    assert rescored["by_class"] == results["by_class"]
+
+
+def test_killed_evaluation_resumes_to_the_same_results(tmp_path):
+    common = ["eval", "cmb-exam", "--data_dir", str(CMB), "--mode", "generate", "--max_new_tokens", "6",
+              "--batch_size", "4", "--limit", "60"]
+    straight = run_medtune(*common, "--output_dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "medtune", *common, "--output_dir", str(out)], cwd=REPO,
+                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = out / "predictions.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if predictions.is_file() and len(predictions.read_text(encoding="utf-8").splitlines()) >= 12:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "finished before it could be killed"
+    partial = len(predictions.read_text(encoding="utf-8").splitlines())
+    assert 0 < partial < 60
+
+    resumed = run_medtune(*common, "--output_dir", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(predictions.read_text(encoding="utf-8").splitlines()) == 60  # nothing predicted twice
+    for name in ("answers.json", "results.json"):
+        assert (out / name).read_text() == (tmp_path / "straight" / name).read_text()
+
+
+def test_rerun_with_other_settings_into_the_same_folder_is_refused(tmp_path):
+    assert run_medtune("eval", "cmb-exam", "--output_dir", str(tmp_path), "--limit", "2").returncode == 0
+    again = run_medtune("eval", "cmb-exam", "--output_dir", str(tmp_path), "--limit", "2", "--cot", "true")
+    assert again.returncode == 2 and "other settings (cot)" in again.stderr
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Answers every chat request with a CoT-style reply naming option C."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["messages"][-1]["role"] == "user" and body["temperature"] == 0
+        payload = {"choices": [{"message": {"role": "assistant", "content": "逐项分析后，所以答案是C。"}}]}
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_generate_mode_against_an_openai_compatible_endpoint(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = run_medtune("eval", "safety", "--endpoint", f"http://127.0.0.1:{server.server_port}",
+                             "--output_dir", str(tmp_path), "--cot", "true")
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert len(answers) >= 50 and {a["model_answer"] for a in answers} == {"C"}
+    probe = json.loads((REPO / "data" / "eval" / "safety" / "drug_safety_probe.json").read_text())
+    expected = sum(1 for p in probe if p["answer"] == "C") / len(probe)
+    assert json.loads((tmp_path / "results.json").read_text())["item_accuracy"] == pytest.approx(expected)
+
+
+def test_perplexity(tmp_path):
+    result = run_medtune("eval", "ppl", "--data_dir", str(REPO / "data" / "pretrain" / "drug_safety.jsonl"),
+                         "--output_dir", str(tmp_path), "--block_size", "128")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "perplexity.json").read_text())
+    assert metrics["perplexity"] > 1 and metrics["predicted_tokens"] > 1000
