@@ -223,3 +223,36 @@ def test_perplexity(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "perplexity.json").read_text())
     assert metrics["perplexity"] > 1 and metrics["predicted_tokens"] > 1000
+
+
+def test_character_level_rouge_and_bleu():
+    from medtune.eval.clin import bleu, rouge_l
+
+    assert rouge_l("孕妇禁用四环素", "孕妇禁用四环素") == pytest.approx(1.0)
+    assert bleu("孕妇禁用四环素", "孕妇禁用四环素") == pytest.approx(1.0)
+    assert rouge_l("甲乙丙", "丁戊己") == 0.0
+    # LCS of 孕妇禁用四环素 and 孕妇慎用四环素类 is 6 characters: P=6/7, R=6/8
+    assert rouge_l("孕妇禁用四环素", "孕妇慎用四环素类") == pytest.approx(2 * (6 / 7) * (6 / 8) / (6 / 7 + 6 / 8))
+    assert 0 < bleu("孕妇禁用四环素", "孕妇慎用四环素类") < 1
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ('{"流畅性": 4, "相关性": 5, "完整性": 3, "医学知识专业性": 4}', (4, 5, 3, 4)),
+    ("评分如下：\n流畅性：4分\n相关性: 5\n完整性 3/5\n专业性为2分", (4, 5, 3, 2)),
+    ('```json\n{"fluency": 5, "relevance": 4, "completeness": 4, "proficiency": 3}\n```', (5, 4, 4, 3)),
+    ("流畅性：9，其他无法评价", (None, None, None, None)),
+])
+def test_judge_replies_are_parsed_robustly(reply, expected):
+    from medtune.eval.clin import CRITERIA, parse_judgement
+
+    scores = parse_judgement(reply)
+    assert tuple(scores[k] for k in CRITERIA) == expected
+
+
+def test_cmb_clin_runs_a_multi_turn_consultation(tmp_path):
+    result = run_medtune("eval", "cmb-clin", "--output_dir", str(tmp_path), "--limit", "2", "--max_new_tokens", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "clin_results.json").read_text())
+    cases = json.loads((CMB / "clin.json").read_text())[:2]
+    assert results["answers"] == sum(len(c["QA_pairs"]) for c in cases)
+    assert 0 <= results["rouge_l"] <= 1 and results["metric_unit"] == "character"
