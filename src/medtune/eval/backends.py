@@ -61,61 +61,91 @@ class LocalBackend:
 
     def _candidate_sequences(self, choice: Choice) -> tuple[list[int], list[tuple[str, list[int]]], bool]:
         """(prompt ids, [(candidate, reply ids)], whether the first reply token alone decides)."""
-        prompt = self.template.prompt_ids(choice.messages)
-        candidates = [(c, self.template.encode_reply(choice.messages, c)[1])
-                      for c in answer_candidates(choice.letters, choice.multiple)]
+        names = answer_candidates(choice.letters, choice.multiple)
+        prompt_text, first_reply = self.template.prompt_and_reply(choice.messages, names[0])
+        if first_reply.startswith(names[0]):
+            # Every candidate renders as its letters plus the same stop suffix: render the template once.
+            suffix = first_reply[len(names[0]):]
+            replies = [name + suffix for name in names]
+        else:
+            replies = [self.template.prompt_and_reply(choice.messages, name)[1] for name in names]
+        tokenize = self.template.tokenizer
+        candidates = [(name, tokenize(reply, add_special_tokens=False)["input_ids"]) for name, reply in zip(names, replies)]
         first_tokens = [ids[0] for _, ids in candidates]
         single_token = not choice.multiple and len(set(first_tokens)) == len(first_tokens)
-        return prompt, candidates, single_token
+        return tokenize(prompt_text, add_special_tokens=False)["input_ids"], candidates, single_token
 
     def choose(self, choices: list[Choice]) -> list[tuple[str, dict[str, float]]]:
         """For each question, the highest-scoring answer and every candidate's log-probability.
 
-        Single choice: the log-probability of each option letter as the reply's first token (one sequence per
-        question). Multiple choice: the log-probability of the whole reply -- the sorted letters and the stop
-        marker -- for every non-empty letter set, so the model's choice of where to stop counts.
+        Single choice: the log-probability of each option letter as the reply's first token; the prompts of a group
+        of questions go through one batched forward pass. Multiple choice: the log-probability of the whole reply
+        -- the sorted letters and the stop marker -- for every non-empty letter set, so the model's choice of where
+        to stop counts; the prompt is run once and its KV cache shared by all candidates.
         """
         import torch
 
-        jobs = []  # (question index, candidate or None, ids, reply length)
-        plans = []
+        scores: list[dict[str, float]] = [{} for _ in choices]
+        single = []
         for index, choice in enumerate(choices):
             prompt, candidates, single_token = self._candidate_sequences(choice)
-            plans.append((candidates, single_token))
             if single_token:
-                jobs.append((index, None, prompt, 0))
+                single.append((index, prompt, candidates))
             else:
-                jobs += [(index, name, prompt + reply, len(reply)) for name, reply in candidates]
-        scores: list[dict[str, float]] = [{} for _ in choices]
+                scores[index] = self._score_continuations(prompt, candidates)
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start:start + self.batch_size]
-            width = max(len(ids) for _, _, ids, _ in batch)
+        for start in range(0, len(single), self.batch_size):
+            batch = single[start:start + self.batch_size]
+            width = max(len(prompt) for _, prompt, _ in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (_, _, ids, _) in enumerate(batch):  # right padding: real positions are unaffected
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
+            for row, (_, prompt, _) in enumerate(batch):
+                # left padding puts every prompt's last token at -1, so only that position needs the output head
+                input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+                attention[row, width - len(prompt):] = 1
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # positions as if each prompt were alone
             with torch.no_grad():
-                logits = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=attention.to(self.device)).logits.float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            for row, (index, name, ids, reply_length) in enumerate(batch):
-                candidates, single_token = plans[index]
-                if single_token:
-                    last = log_probs[row, len(ids) - 1]
-                    for candidate, reply in candidates:
-                        scores[index][candidate] = last[reply[0]].item()
-                else:
-                    positions = torch.arange(len(ids) - reply_length - 1, len(ids) - 1, device=log_probs.device)
-                    targets = torch.tensor(ids[len(ids) - reply_length:], device=log_probs.device)
-                    scores[index][name] = log_probs[row, positions, targets].sum().item()
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                    position_ids=positions.to(self.device), logits_to_keep=1).logits
+            for row, (index, _, candidates) in enumerate(batch):
+                last = torch.log_softmax(logits[row, -1].float(), dim=-1)
+                scores[index] = {candidate: last[reply[0]].item() for candidate, reply in candidates}
         return [(max(s, key=s.get), s) for s in scores]
+
+    def _score_continuations(self, prompt: list[int], candidates: list[tuple[str, list[int]]]) -> dict[str, float]:
+        """Sum of log-probabilities of each candidate reply after `prompt`, sharing the prompt's KV cache."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            totals = {name: first[reply[0]].item() for name, reply in candidates}
+            width = max(len(reply) for _, reply in candidates) - 1
+            if width <= 0:
+                return totals
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(candidates))
+            pad = self.tokenizer.pad_token_id
+            inputs = torch.full((len(candidates), width), pad, dtype=torch.long)
+            attention = torch.ones((len(candidates), len(prompt) + width), dtype=torch.long)
+            for row, (_, reply) in enumerate(candidates):
+                fed = reply[:-1]  # each reply token is predicted from the ones before it
+                inputs[row, :len(fed)] = torch.tensor(fed, dtype=torch.long)
+                attention[row, len(prompt) + len(fed):] = 0
+            positions = torch.arange(len(prompt), len(prompt) + width).expand(len(candidates), -1)
+            logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device),
+                                position_ids=positions.to(self.device), past_key_values=cache).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            for row, (name, reply) in enumerate(candidates):
+                for k, token in enumerate(reply[1:]):
+                    totals[name] += log_probs[row, k, token].item()
+        return totals
 
     # -- generation ---------------------------------------------------------------------------------------------
 
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 512) -> list[str]:
-        """Greedy replies, generated in left-padded batches."""
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 512,
+                 min_new_tokens: int = 0) -> list[str]:
+        """Greedy replies, generated in left-padded batches (`min_new_tokens` only for benchmarks)."""
         import torch
 
         replies = []
@@ -127,8 +157,8 @@ class LocalBackend:
             attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
             with torch.no_grad():
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                             max_new_tokens=max_new_tokens, eos_token_id=self.template.stop_token_ids,
-                                             pad_token_id=pad)
+                                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                             eos_token_id=self.template.stop_token_ids, pad_token_id=pad)
             replies += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
         return replies
 
