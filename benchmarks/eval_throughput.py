@@ -19,12 +19,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def compare_lm_eval(backend, choices, our_answers: list[str], our_items_per_s: float) -> dict:
+    """lm-evaluation-harness's loglikelihood on exactly the candidates medtune scores."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    # the rendered prompt already holds the template's prefix ([gMASK]<sop>): no special tokens added on top
+    lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=backend.batch_size, device="cpu",
+              add_bos_token=False)
+    requests, owners = [], []
+    for index, choice in enumerate(choices):
+        prompt_ids, candidates, single_token = backend._candidate_sequences(choice)
+        context = backend.tokenizer.decode(prompt_ids)
+        for name, reply in candidates:
+            continuation = backend.tokenizer.decode(reply[:1] if single_token else reply)
+            requests.append(Instance("loglikelihood", {}, (context, continuation), len(requests)))
+            owners.append((index, name))
+    started = time.perf_counter()
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    elapsed = time.perf_counter() - started
+    best: dict[int, tuple[float, str]] = {}
+    for (index, name), (logprob, _) in zip(owners, results):
+        if index not in best or logprob > best[index][0]:
+            best[index] = (logprob, name)
+    agree = sum(best[i][1] == answer for i, answer in enumerate(our_answers))
+    return {"mode": "lm-eval loglikelihood", "items": len(choices), "items_per_s": round(len(choices) / elapsed, 2),
+            "same_prediction": agree, "medtune_speedup": round(our_items_per_s / (len(choices) / elapsed), 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=60, help="Items for likelihood mode.")
     parser.add_argument("--generate_items", type=int, default=8, help="Items for generate mode (slow).")
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--lm_eval", action="store_true", help="Also run lm-evaluation-harness on the same items.")
     args = parser.parse_args()
     out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
@@ -38,11 +67,13 @@ def main() -> int:
         choices = [Choice(item_messages(i, []), "".join(i.options), i.multiple) for i in subset]
         backend.choose(choices[:2])  # warm-up
         started = time.perf_counter()
-        backend.choose(choices)
+        ours = backend.choose(choices)
         likelihood = len(subset) / (time.perf_counter() - started)
         print(json.dumps({"mode": "likelihood", "items": len(subset),
                           "multiple_choice_items": sum(i.multiple for i in subset),
                           "items_per_s": round(likelihood, 2)}), file=out, flush=True)
+        if args.lm_eval:
+            print(json.dumps(compare_lm_eval(backend, choices, [a for a, _ in ours], likelihood)), file=out, flush=True)
 
         subset = items[: args.generate_items]
         speeds = {}
