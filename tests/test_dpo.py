@@ -123,3 +123,24 @@ def test_dpo_learns_the_preference_from_a_tiny_sft_model(glm4_dir, tmp_path):
         "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false", "--report_to", "none"]))
     assert metrics["eval_rewards/accuracies"] >= 0.9
     assert metrics["eval_rewards/margins"] > 0
+
+
+def test_string_methods_get_pairs_fitted_by_the_same_rule(glm4_dir):
+    from medtune.data.preference import render_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(glm4_dir)
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    pairs, _ = load_records(PAIRS, "preference")
+    rows, stats = render_pairs(pairs[:10], template, max_length=64)
+    assert stats.pairs == 10 and stats.truncated > 0
+    for row in rows:
+        prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        for answer in ("chosen", "rejected"):
+            assert prompt + len(tokenizer(row[answer], add_special_tokens=False)["input_ids"]) <= 64 + 2
+
+
+def test_full_fine_tuning_with_precomputed_reference(glm4_dir, tmp_path):
+    metrics = dpo.run_dpo(*dpo_args(glm4_dir, tmp_path, "--use_peft", "false", "--precompute_ref_log_probs", "true",
+                                    "--data_cache_dir", str(tmp_path / "cache")))
+    assert (tmp_path / "model.safetensors").is_file()
+    assert "eval_rewards/accuracies" in metrics

@@ -88,14 +88,13 @@ def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length
     return rows, stats
 
 
-def render_pairs(pairs: list[PreferencePair], template: ChatTemplate) -> list[dict]:
-    """prompt / chosen / rejected strings, for trainers that tokenize text themselves (ORPO, SimPO)."""
-    rows = []
-    for pair in pairs:
-        prompt, chosen = template.prompt_and_reply(pair.prompt, pair.chosen)
-        _, rejected = template.prompt_and_reply(pair.prompt, pair.rejected)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
+def render_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int) -> tuple[list[dict], PairStats]:
+    """prompt / chosen / rejected strings for trainers that tokenize text themselves (ORPO, SimPO, KTO), fitted to
+    `max_length` by the same token rule as DPO so that their own truncation never has to drop a pair."""
+    rows, stats = encode_pairs(pairs, template, max_length)
+    decode = template.tokenizer.decode
+    return [{"prompt": decode(r["prompt_ids"]), "chosen": decode(r["chosen_ids"]),
+             "rejected": decode(r["rejected_ids"])} for r in rows], stats
 
 
 def unpaired_rows(rows: list[dict]) -> list[dict]:

@@ -61,7 +61,8 @@ def build_trainer(training_args, data_args, model, tokenizer, template, train_pa
         )
         return trainer, {"train": stats.to_dict(), "eval": eval_stats.to_dict()}
 
-    train_rows, eval_rows = render_pairs(train_pairs, template), render_pairs(eval_pairs, template)
+    (train_rows, stats), (eval_rows, eval_stats) = (render_pairs(pairs, template, data_args.max_length)
+                                                    for pairs in (train_pairs, eval_pairs))
     import datasets
 
     if method == "kto":
@@ -89,7 +90,7 @@ def build_trainer(training_args, data_args, model, tokenizer, template, train_pa
         train_dataset=datasets.Dataset.from_list(train_rows),
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
     )
-    return trainer, {"train": {"pairs": len(train_pairs)}, "eval": {"pairs": len(eval_pairs)}}
+    return trainer, {"train": stats.to_dict(), "eval": eval_stats.to_dict()}
 
 
 def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: PreferenceDataArguments,
