@@ -256,3 +256,15 @@ def test_cmb_clin_runs_a_multi_turn_consultation(tmp_path):
     cases = json.loads((CMB / "clin.json").read_text())[:2]
     assert results["answers"] == sum(len(c["QA_pairs"]) for c in cases)
     assert 0 <= results["rouge_l"] <= 1 and results["metric_unit"] == "character"
+
+
+def test_local_model_with_an_unmerged_adapter(glm4_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(glm4_dir),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(tmp_path / "adapter")
+    result = run_medtune("eval", "cmb-exam", "--model_name_or_path", str(glm4_dir), "--adapter_name_or_path",
+                         str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "out"), "--limit", "5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "+" in json.loads((tmp_path / "out" / "results.json").read_text())["model"]

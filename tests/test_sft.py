@@ -142,3 +142,17 @@ def test_model_learns_to_answer_trained_questions(tiny_model, conversations, tmp
         reply = template.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
         assert conversation.messages[-1]["content"].startswith(reply[:8]) and len(reply) >= 8, (reply, conversation.source)
     shutil.rmtree(out)
+
+
+def test_truncation_drops_and_counts_conversations_with_nothing_left_to_learn(tiny_model):
+    from medtune.data.records import Conversation
+
+    folder = tiny_model("glm4")
+    template = load_chat_template(str(folder), AutoTokenizer.from_pretrained(folder))
+    long_question = Conversation([{"role": "user", "content": "请解释高血压的分级标准。" * 40},
+                                  {"role": "assistant", "content": "按诊室血压分为三级。"}])
+    short = Conversation([{"role": "user", "content": "头痛？"}, {"role": "assistant", "content": "休息。" * 30}])
+    examples, stats = encode_conversations([long_question, short], template, max_length=40)
+    assert stats.dropped_no_supervised_token == 1 and stats.truncated == 1
+    assert len(examples) == 1 and len(examples[0]["input_ids"]) == 40
+    assert any(label != -100 for label in examples[0]["labels"][1:])
