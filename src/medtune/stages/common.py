@@ -80,6 +80,35 @@ def prepare_training(training_args) -> str | None:
     return resume
 
 
+def start_stage(model_args, training_args, configs: tuple):
+    """What every training stage does first: seed, TensorBoard folder and resume checkpoint; the model path really
+    used (recorded in the saved config); the tokenizer. Returns (resume checkpoint, model path, tokenizer)."""
+    from medtune.models.loader import load_tokenizer, resolve_model_path
+
+    resume = prepare_training(training_args)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    model_args.model_name_or_path = model_path
+    save_run_config(training_args, configs)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
+    return resume, model_path, tokenizer
+
+
+def load_training_model(model_path: str, model_args, training_args):
+    """The model to train, in the dtype the precision flags imply, with the KV cache off (useless in training,
+    and packed rows need it off to keep conversations apart)."""
+    from medtune.models.loader import load_model
+
+    model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
+                       attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
+                       fp16=training_args.fp16)
+    model.config.use_cache = False
+    if training_args.gradient_checkpointing:
+        # the reentrant variant needs inputs that require grad, which a frozen base under LoRA does not give
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False}
+    return model
+
+
 def configure_evaluation(training_args, has_eval_set: bool) -> list:
     """Turn evaluation off when there is nothing to evaluate; return the callbacks evaluation needs."""
     from transformers.trainer_utils import IntervalStrategy

@@ -101,27 +101,18 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     from medtune.data.preference import load_pairs
     from medtune.models.loader import (
         load_chat_template,
-        load_model,
-        load_tokenizer,
         lora_config,
-        resolve_model_path,
     )
-    from medtune.stages.common import configure_evaluation, finish_training, prepare_training, save_run_config
+    from medtune.stages.common import configure_evaluation, finish_training, load_training_model, start_stage
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    resume = prepare_training(training_args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = model_path
-    save_run_config(training_args, (model_args, lora_args, data_args, training_args))
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
+    resume, model_path, tokenizer = start_stage(model_args, training_args,
+                                                (model_args, lora_args, data_args, training_args))
     template = load_chat_template(model_path, tokenizer, data_args.template)
     train_pairs, eval_pairs, dropped = load_pairs(data_args)
     callbacks = configure_evaluation(training_args, bool(eval_pairs))
 
-    model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
-                       fp16=training_args.fp16)
-    model.config.use_cache = False
+    model = load_training_model(model_path, model_args, training_args)
     peft_config = lora_config(lora_args) if lora_args.use_peft else None
     trainer, stats = build_trainer(training_args, data_args, model, tokenizer, template, train_pairs, eval_pairs,
                                    peft_config)

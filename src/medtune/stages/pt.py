@@ -21,24 +21,21 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     """Train and save into training_args.output_dir; returns the final evaluation metrics."""
     from medtune.data.collators import PaddingCollator
     from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
-    from medtune.models.loader import attach_lora, load_model, load_tokenizer, resolve_model_path
+    from medtune.models.loader import attach_lora
     from medtune.stages.common import (
         MedtuneTrainer,
         argmax_logits,
         configure_evaluation,
         finish_training,
-        prepare_training,
-        save_run_config,
+        load_training_model,
+        start_stage,
         token_accuracy,
     )
 
     if data_args.streaming and training_args.max_steps <= 0:
         raise ConfigError("streaming needs --max_steps (a stream has no length to count epochs by)")
-    resume = prepare_training(training_args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = model_path  # the effective config records what was really used
-    save_run_config(training_args, (model_args, lora_args, data_args, training_args))
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
+    resume, model_path, tokenizer = start_stage(model_args, training_args,
+                                                (model_args, lora_args, data_args, training_args))
 
     # Validation and tokenization happen before the model is loaded: bad data fails fast and cheap.
     with training_args.main_process_first(desc="tokenizing the corpus"):
@@ -50,13 +47,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
             train_set, eval_set, stats = prepare_block_datasets(data_args, tokenizer)
     callbacks = configure_evaluation(training_args, eval_set is not None)
 
-    model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
-                       fp16=training_args.fp16)
-    if training_args.gradient_checkpointing:
-        model.config.use_cache = False
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
-            "use_reentrant": False}  # the reentrant variant needs inputs that require grad, which LoRA lacks
+    model = load_training_model(model_path, model_args, training_args)
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 

@@ -24,25 +24,19 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     from medtune.models.loader import (
         attach_lora,
         load_chat_template,
-        load_model,
-        load_tokenizer,
-        resolve_model_path,
     )
     from medtune.stages.common import (
         MedtuneTrainer,
         argmax_logits,
         configure_evaluation,
         finish_training,
-        prepare_training,
-        save_run_config,
+        load_training_model,
+        start_stage,
         token_accuracy,
     )
 
-    resume = prepare_training(training_args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = model_path
-    save_run_config(training_args, (model_args, lora_args, data_args, training_args))
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
+    resume, model_path, tokenizer = start_stage(model_args, training_args,
+                                                (model_args, lora_args, data_args, training_args))
     template = load_chat_template(model_path, tokenizer, data_args.template)
 
     # Every record is validated and encoded before the model is loaded.
@@ -58,15 +52,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     if not data_args.packing:
         training_args.train_sampling_strategy = "group_by_length"  # similar lengths per batch: less padding
 
-    model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
-                       fp16=training_args.fp16)
-    # Packed rows rely on position ids to separate conversations, which transformers honours only without a
-    # KV cache; the cache is useless in training anyway.
-    model.config.use_cache = False
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
-            "use_reentrant": False}
+    model = load_training_model(model_path, model_args, training_args)
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 
