@@ -268,3 +268,10 @@ def test_local_model_with_an_unmerged_adapter(glm4_dir, tmp_path):
                          str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "out"), "--limit", "5")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "+" in json.loads((tmp_path / "out" / "results.json").read_text())["model"]
+
+
+def test_the_short_option_names_of_the_issue_work(glm4_dir, tmp_path):
+    result = run_medtune("eval", "cmb-exam", "--model", str(glm4_dir), "--data", "data/eval/cmb", "--output_dir",
+                         str(tmp_path), "--limit", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "answers.json").is_file()

@@ -30,7 +30,7 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Local model directory (or hub id with network). Default: the embedded tiny GLM-4 model, "
-                          "built on first use."},
+                          "built on first use.", "aliases": ["--model"]},
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer directory if it differs from the model's."}
@@ -301,7 +301,7 @@ class EvalArguments:
     endpoint_model: str = field(default="default", metadata={"help": "The model name sent to the endpoint."})
     data_dir: str | None = field(
         default=None, metadata={"help": "CMB folder with test.json, test_answers.json, val.json, clin.json (default: "
-                                        "the bundled data/eval/cmb), or a file."},
+                                        "the bundled data/eval/cmb), or a file.", "aliases": ["--data"]},
     )
     split: str = field(default="test", metadata={"help": "cmb-exam: test or val."})
     answers_file: str | None = field(

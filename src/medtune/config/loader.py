@@ -28,6 +28,12 @@ def _field_names(dataclass_types) -> list[str]:
     return [f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init]
 
 
+def _aliases(dataclass_types) -> set[str]:
+    """Short command-line names declared in field metadata (e.g. --model for --model_name_or_path)."""
+    return {alias.lstrip("-") for dc in dataclass_types for f in dataclasses.fields(dc)
+            for alias in f.metadata.get("aliases", [])}
+
+
 def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -92,10 +98,11 @@ def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", des
     known = _field_names(dataclass_types)
     config_path, rest = _split_config_flag(list(argv))
     tokens = _yaml_to_tokens(config_path, known) if config_path else []
+    aliases = _aliases(dataclass_types)
     for token in rest:
         if token.startswith("--") and token not in ("--help",):
             name = token[2:].split("=", 1)[0]
-            if name not in known and not (name.startswith("no_") and name[3:] in known):
+            if name not in known and name not in aliases and not (name.startswith("no_") and name[3:] in known):
                 raise _unknown_key_error(name, known, "command line")
     parser = build_parser(dataclass_types, prog, description)
     try:
