@@ -144,3 +144,20 @@ def test_full_fine_tuning_with_precomputed_reference(glm4_dir, tmp_path):
                                     "--data_cache_dir", str(tmp_path / "cache")))
     assert (tmp_path / "model.safetensors").is_file()
     assert "eval_rewards/accuracies" in metrics
+
+
+def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
+    from medtune.models.loader import load_tokenizer, lora_config
+    from medtune.stages.common import load_training_model
+
+    model_args, lora_args, data_args, training_args = dpo_args(glm4_dir, tmp_path, "--report_to", "none",
+                                                               "--eval_strategy", "no")
+    tokenizer = load_tokenizer(str(glm4_dir))
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    pairs, _ = load_records(PAIRS, "preference")
+    model = load_training_model(str(glm4_dir), model_args, training_args)
+    trainer, _ = dpo.build_trainer(training_args, data_args, model, tokenizer, template, pairs[:4], [],
+                                   lora_config(lora_args))
+    assert trainer.ref_model is None  # the reference is the base with the adapter disabled
+    assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * sum(
+        p.numel() for p in trainer.model.parameters())

@@ -183,12 +183,14 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(tmp_path):
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
-    """Answers every chat request with a CoT-style reply naming option C."""
+    """Answers every chat request with a CoT-style reply naming option C (or, as a judge, with free-text scores)."""
+
+    reply = "逐项分析后，所以答案是C。"
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         assert body["messages"][-1]["role"] == "user" and body["temperature"] == 0
-        payload = {"choices": [{"message": {"role": "assistant", "content": "逐项分析后，所以答案是C。"}}]}
+        payload = {"choices": [{"message": {"role": "assistant", "content": self.reply}}]}
         data = json.dumps(payload, ensure_ascii=False).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -275,3 +277,22 @@ def test_the_short_option_names_of_the_issue_work(glm4_dir, tmp_path):
                          str(tmp_path), "--limit", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "answers.json").is_file()
+
+
+class FakeJudge(FakeOpenAI):
+    reply = "评价：流畅性：4分；相关性 3；完整性: 2/5；医学知识专业性为3分。"
+
+
+def test_cmb_clin_with_an_llm_judge_endpoint(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_medtune("eval", "cmb-clin", "--output_dir", str(tmp_path), "--limit", "1",
+                             "--max_new_tokens", "4", "--judge_endpoint", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "clin_results.json").read_text())
+    assert (results["judge_fluency"], results["judge_relevance"], results["judge_completeness"],
+            results["judge_proficiency"]) == (4, 3, 2, 3)
+    assert results["judge_fluency_unparsed"] == 0
