@@ -160,8 +160,9 @@ class MedtuneTrainer(Trainer):
         return output
 
 
-def first_logged(log_history: list[dict], key: str):
-    return next((entry[key] for entry in log_history if key in entry), None)
+def logged_before_training(log_history: list[dict], key: str):
+    """The value of `key` from the evaluation at step 0 (eval_on_start), if there was one."""
+    return next((entry[key] for entry in log_history if key in entry and entry.get("step") == 0), None)
 
 
 def save_run_config(training_args, configs: tuple) -> None:
@@ -188,7 +189,7 @@ def finish_training(trainer, train_result, tokenizer, extra: dict | None = None,
     eval_metrics: dict = {}
     if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
-        before = first_logged(trainer.state.log_history, "eval_loss")
+        before = logged_before_training(trainer.state.log_history, "eval_loss")
         if before is not None:
             eval_metrics["eval_loss_before_training"] = before
             eval_metrics["eval_perplexity_before_training"] = perplexity(before)
