@@ -1,12 +1,14 @@
 """Training throughput on the embedded tiny model, one JSON line per run.
 
     python benchmarks/train_throughput.py --stage pt  [--steps 30] [--block_size 128] [--batch_size 8]
-    python benchmarks/train_throughput.py --stage sft [--steps 20] [--batch_size 4]   (packing on, then off)
+    python benchmarks/train_throughput.py --stage sft [--steps 20] [--batch_size 4]
+        (medtune packing; the same packed rows with an explicit 4-D block-diagonal mask, the non-leaking packing
+         baseline users know; no packing, length-grouped)
     python benchmarks/train_throughput.py --stage dpo [--steps 10] [--batch_size 4]   (vs LoRA sft, each alone)
 
 Prints tokens/s (every computed position), real tokens/s (excluding padding), samples/s, peak RSS in MB, wall
 seconds and the real-token fraction of what was computed, for a fixed tiny configuration on the bundled data.
-Peak RSS is the process's high-water mark, so for sft run each packing mode alone (--packing) to compare memory.
+Peak RSS is the process's high-water mark, so for sft run each mode alone (--sft_modes) to compare memory.
 """
 
 from __future__ import annotations
@@ -81,12 +83,36 @@ class CountingCollator:
         return batch
 
 
-def bench_sft(args, packing: bool) -> dict:
+class BlockDiagonalMaskCollator:
+    """Baseline for comparison: the same packed rows with an explicit 4-D block-diagonal causal mask built in the
+    collator -- the mechanism of the packing users know that does not leak attention (LLaMA-Factory's
+    neat_packing), re-expressed here, not its code."""
+
+    def __init__(self, packed_collator):
+        self.packed = packed_collator
+
+    def __call__(self, features):
+        import torch
+
+        batch = self.packed(features)
+        positions = batch["position_ids"]
+        segment = (positions == 0).cumsum(-1)  # a new conversation (or the padding tail) starts where positions restart
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones(positions.shape[1], positions.shape[1], dtype=torch.bool).tril()
+        allowed = same & causal
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        batch["attention_mask"] = mask[:, None]
+        return batch
+
+
+def bench_sft(args, mode: str) -> dict:
+    """mode: packed (medtune), padded (length-grouped), packed_4d_mask (the baseline above)."""
     import medtune.stages.sft as sft_stage
     from medtune.config import parse_arguments
     from medtune.data import collators
 
     counters = []
+    packing = mode != "padded"
 
     def counted(cls):
         def build(pad_token_id):
@@ -101,7 +127,11 @@ def bench_sft(args, packing: bool) -> dict:
                 "--packing", str(packing).lower()]
         configs = parse_arguments(sft_stage.ARGUMENT_TYPES, argv)
         originals = collators.PackedCollator, collators.PaddingCollator
-        collators.PackedCollator, collators.PaddingCollator = (counted(c) for c in originals)
+        packed = originals[0]
+        if mode == "packed_4d_mask":
+            def packed(pad_token_id, inner=originals[0]):
+                return BlockDiagonalMaskCollator(inner(pad_token_id))
+        collators.PackedCollator, collators.PaddingCollator = counted(packed), counted(originals[1])
         try:
             started = time.perf_counter()
             sft_stage.run_sft(*configs)
@@ -113,7 +143,7 @@ def bench_sft(args, packing: bool) -> dict:
     counter = counters[0]
     return {
         "stage": "sft",
-        "packing": packing,
+        "mode": mode,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "tokens_per_s": round(counter.computed / runtime, 1),
@@ -202,7 +232,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps (default: pt 30, sft 20).")
     parser.add_argument("--block_size", type=int, default=128, help="pt only.")
     parser.add_argument("--batch_size", type=int, default=None, help="Per-device batch (default: pt 8, sft 4).")
-    parser.add_argument("--packing", choices=["both", "true", "false"], default="both", help="sft only.")
+    parser.add_argument("--sft_modes", default="packed,packed_4d_mask,padded",
+                        help="sft only: comma-separated packed, packed_4d_mask (baseline), padded.")
     args = parser.parse_args()
     import logging
 
@@ -219,7 +250,7 @@ def main() -> int:
                 print(json.dumps(bench_dpo(args, args.precompute == "true")), file=out)
                 return 0
             common = ["--steps", str(args.steps), "--batch_size", str(args.batch_size)]
-            sft_line = run_alone("--stage", "sft", "--packing", "false", *common)
+            sft_line = run_alone("--stage", "sft", "--sft_modes", "padded", *common)
             print(json.dumps(sft_line), file=out, flush=True)
             modes = {"both": ("false", "true"), "true": ("true",), "false": ("false",)}[args.precompute]
             for precompute in modes:
@@ -229,9 +260,8 @@ def main() -> int:
                 print(json.dumps(line), file=out, flush=True)
             return 0
         args.steps, args.batch_size = args.steps or 20, args.batch_size or 4
-        modes = {"both": (True, False), "true": (True,), "false": (False,)}[args.packing]
-        for packing in modes:
-            print(json.dumps(bench_sft(args, packing)), file=out, flush=True)
+        for mode in args.sft_modes.split(","):
+            print(json.dumps(bench_sft(args, mode)), file=out, flush=True)
     return 0
 
 
