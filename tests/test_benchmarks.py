@@ -1,0 +1,27 @@
+"""The benchmark scripts keep working (a smoke run each; speeds are reported, never asserted)."""
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def run_script(*args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+
+def test_train_throughput_prints_json_lines():
+    (pt,) = run_script("benchmarks/train_throughput.py", "--stage", "pt", "--steps", "2")
+    assert pt["tokens_per_s"] > 0 and pt["real_token_fraction"] > 0.9
+    rows = run_script("benchmarks/train_throughput.py", "--stage", "sft", "--steps", "2", "--sft_modes",
+                      "packed,packed_4d_mask")
+    assert [r["mode"] for r in rows] == ["packed", "packed_4d_mask"]
+
+
+def test_eval_throughput_prints_json_lines():
+    rows = run_script("benchmarks/eval_throughput.py", "--items", "6", "--generate_items", "2", "--max_new_tokens", "4")
+    assert rows[0]["mode"] == "likelihood" and rows[0]["items_per_s"] > 0
+    assert "likelihood_speedup_vs_full_budget" in rows[-1]
