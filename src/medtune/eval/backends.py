@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from medtune.errors import ConfigError, MedtuneError
 
@@ -42,8 +43,9 @@ class LocalBackend:
         from medtune.models.loader import load_chat_template, load_model, load_tokenizer, resolve_model_path
 
         model_path = resolve_model_path(model_path)
-        self.tokenizer = load_tokenizer(adapter or model_path, trust_remote_code) if adapter and _has_tokenizer(
-            adapter) else load_tokenizer(model_path, trust_remote_code)
+        # An adapter trained by medtune carries the tokenizer and chat template it was trained with.
+        tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+        self.tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
         self.template = load_chat_template(model_path, self.tokenizer, template)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch_dtype if torch_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
@@ -161,12 +163,6 @@ class LocalBackend:
                                              eos_token_id=self.template.stop_token_ids, pad_token_id=pad)
             replies += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
         return replies
-
-
-def _has_tokenizer(folder: str) -> bool:
-    from pathlib import Path
-
-    return (Path(folder) / "tokenizer_config.json").is_file()
 
 
 class EndpointBackend:
