@@ -68,3 +68,11 @@ def test_effective_config_round_trips(tmp_path):
     for a, b in zip(first, again):
         fields = [f.name for f in dataclasses.fields(a) if f.init]
         assert {k: getattr(a, k) for k in fields} == {k: getattr(b, k) for k in fields}
+
+
+def test_yaml_edge_cases(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"run_name": "-exp1", "target_modules": [], "modules_to_save": None})
+    _, lora, _, training = parse_arguments(pt.ARGUMENT_TYPES, ["--config", str(config), "--learning-rate", "2e-4"])
+    assert training.run_name == "-exp1"
+    assert lora.target_modules is None and lora.modules_to_save is None
+    assert training.learning_rate == pytest.approx(2e-4)

@@ -47,6 +47,9 @@ def test_fit_to_length_keeps_the_prompt_end_and_counts():
     assert c == chosen[:50] and r == rejected  # rejected already fits in what remains
     assert max(len(p) + len(c), len(p) + len(r)) <= 100
     assert fit_to_length([1, 2], [3], [4], 10) == ([1, 2], [3], [4], False)
+    # the template's leading tokens survive the cut
+    p, _, _, _ = fit_to_length([7, 8] + prompt, chosen, rejected, 100, head=[7, 8])
+    assert p[:2] == [7, 8] and p[2:] == prompt[-48:]
 
 
 def test_pairs_render_with_the_inference_prompt_and_learn_to_stop(glm4_dir):
@@ -58,8 +61,10 @@ def test_pairs_render_with_the_inference_prompt_and_learn_to_stop(glm4_dir):
     for pair, row in zip(pairs[:20], rows):
         assert row["prompt_ids"] == template.prompt_ids(pair.prompt)
         assert row["chosen_ids"][-1] in template.stop_token_ids and row["rejected_ids"][-1] in template.stop_token_ids
-    _, short = encode_pairs(pairs[:20], template, max_length=64)
+    short_rows, short = encode_pairs(pairs[:20], template, max_length=64)
     assert short.pairs == 20 and short.truncated > 0  # truncated, not dropped
+    assert template.head_ids == tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+    assert all(r["prompt_ids"][:2] == template.head_ids for r in short_rows)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "orpo", "simpo", "kto"])

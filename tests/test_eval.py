@@ -41,6 +41,19 @@ EXTRACTION = {
     "ACE抑制剂可引起干咳。": "",  # a word that starts with capitals is not an answer
     "我无法确定，请咨询医生。": "",
     "答案是F": "",  # not one of the options
+    "答案是：A": "A",
+    "正确答案应该是：C": "C",
+    "正确答案是：选项B": "B",
+    "答案是：A、C": "AC",
+    "答案：**B**": "B",
+    "答案是【D】": "D",
+    "Answer: (C)": "C",
+    "答案是A，B选项是干扰项。": "A",  # the next clause's letter is not part of the answer
+    "答案是A\nB选项错误，因为……": "A",
+    "答案：C，D项描述的是另一种疾病": "C",
+    "所以答案是B，不选A": "B",  # "不选A" is not a choice
+    "The answer is a drug": "",
+    "B和D": "BD",
 }
 
 
@@ -130,6 +143,15 @@ def test_likelihood_mode_matches_an_unbatched_reference(glm4_dir):
         assert prediction == best or abs(scores[prediction] - scores[best]) < 1e-4, item.id
 
 
+def test_a_question_with_no_options_left_is_unanswered_not_a_crash(glm4_dir):
+    from medtune.eval.backends import Choice, LocalBackend
+
+    backend = LocalBackend(str(glm4_dir))
+    messages = [{"role": "user", "content": "下列哪项正确？"}]
+    (empty, scores), (answer, _) = backend.choose([Choice(messages, "", False), Choice(messages, "AB", False)])
+    assert (empty, scores) == ("", {}) and answer in ("A", "B")
+
+
 def test_cmb_exam_cli_writes_answers_and_results_and_cmb_score_agrees(tmp_path):
     out = tmp_path / "exam"
     result = run_medtune("eval", "cmb-exam", "--data_dir", str(CMB), "--output_dir", str(out), "--limit", "30")
@@ -207,7 +229,7 @@ def test_generate_mode_against_an_openai_compatible_endpoint(tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        result = run_medtune("eval", "safety", "--endpoint", f"http://127.0.0.1:{server.server_port}",
+        result = run_medtune("eval", "safety", "--endpoint", f"http://127.0.0.1:{server.server_port}/v1",
                              "--output_dir", str(tmp_path), "--cot", "true")
     finally:
         server.shutdown()

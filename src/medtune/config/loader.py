@@ -55,17 +55,19 @@ def _yaml_to_tokens(path: Path, known: list[str]) -> list[str]:
     for key, value in values.items():
         if key not in known:
             raise _unknown_key_error(str(key), known, str(path))
-        if value is None:
-            continue
-        tokens.append(f"--{key}")
-        if isinstance(value, bool):
-            tokens.append(str(value).lower())
-        elif isinstance(value, (list, tuple)):
+        if value is None or value == []:
+            continue  # null or an empty list: keep the default
+        if isinstance(value, (list, tuple)):
+            tokens.append(f"--{key}")
             tokens.extend(str(v) for v in value)
+            continue
+        if isinstance(value, bool):
+            text = str(value).lower()
         elif isinstance(value, dict):
-            tokens.append(json.dumps(value))
+            text = json.dumps(value)
         else:
-            tokens.append(str(value))
+            text = str(value)
+        tokens.append(f"--{key}={text}")  # one token, so a value starting with '-' is not taken for an option
     return tokens
 
 
@@ -101,7 +103,7 @@ def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", des
     aliases = _aliases(dataclass_types)
     for token in rest:
         if token.startswith("--") and token not in ("--help",):
-            name = token[2:].split("=", 1)[0]
+            name = token[2:].split("=", 1)[0].replace("-", "_")  # --learning-rate works as in HfArgumentParser
             if name not in known and name not in aliases and not (name.startswith("no_") and name[3:] in known):
                 raise _unknown_key_error(name, known, "command line")
     parser = build_parser(dataclass_types, prog, description)

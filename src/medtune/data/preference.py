@@ -55,18 +55,20 @@ def load_pairs(data_args) -> tuple[list[PreferencePair], list[PreferencePair], i
     return kept, evaluation, dropped
 
 
-def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int],
-                  max_length: int) -> tuple[list[int], list[int], list[int], bool]:
+def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+                  head: list[int] | None = None) -> tuple[list[int], list[int], list[int], bool]:
     """Make prompt + each answer fit `max_length` tokens.
 
-    The prompt keeps its end (the question being answered), with at least half the budget when the answers would
-    need more; both answers are then cut at the end to what remains.
+    The prompt keeps its end (the question being answered) -- and its `head`, the template's leading tokens such
+    as [gMASK]<sop>, which every prompt starts with -- with at least half the budget when the answers would need
+    more; both answers are then cut at the end to what remains.
     """
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected, False
     prompt_budget = max(max_length - longest, max_length // 2)
-    prompt = prompt[-prompt_budget:]
+    head = head if head and prompt[: len(head)] == head else []
+    prompt = head + prompt[len(head):][-(prompt_budget - len(head)):]
     budget = max_length - len(prompt)
     return prompt, chosen[:budget], rejected[:budget], True
 
@@ -75,11 +77,12 @@ def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length
     """Rows of prompt_ids / chosen_ids / rejected_ids (the columns TRL's DPO collator reads)."""
     stats = PairStats()
     rows = []
+    head = template.head_ids
     for pair in pairs:
         prompt, chosen = template.encode_reply(pair.prompt, pair.chosen)
         prompt_again, rejected = template.encode_reply(pair.prompt, pair.rejected)
         assert prompt == prompt_again  # the prompt renders the same whatever the answer
-        prompt, chosen, rejected, truncated = fit_to_length(prompt, chosen, rejected, max_length)
+        prompt, chosen, rejected, truncated = fit_to_length(prompt, chosen, rejected, max_length, head)
         stats.pairs += 1
         stats.truncated += truncated
         stats.prompt_tokens += len(prompt)

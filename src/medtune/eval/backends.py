@@ -3,9 +3,11 @@ endpoint (vLLM, `medtune serve`). Both render prompts through the same ChatTempl
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +92,8 @@ class LocalBackend:
         scores: list[dict[str, float]] = [{} for _ in choices]
         single = []
         for index, choice in enumerate(choices):
+            if not choice.letters:
+                continue  # no option left to choose (e.g. --official dropped them all): scored as unanswered
             prompt, candidates, single_token = self._candidate_sequences(choice)
             if single_token:
                 single.append((index, prompt, candidates))
@@ -112,7 +116,7 @@ class LocalBackend:
             for row, (index, _, candidates) in enumerate(batch):
                 last = torch.log_softmax(logits[row, -1].float(), dim=-1)
                 scores[index] = {candidate: last[reply[0]].item() for candidate, reply in candidates}
-        return [(max(s, key=s.get), s) for s in scores]
+        return [(max(s, key=s.get) if s else "", s) for s in scores]
 
     def _score_continuations(self, prompt: list[int], candidates: list[tuple[str, list[int]]]) -> dict[str, float]:
         """Sum of log-probabilities of each candidate reply after `prompt`, sharing the prompt's KV cache."""
@@ -170,9 +174,15 @@ class EndpointBackend:
 
     def __init__(self, endpoint: str, model: str = "default", concurrency: int = 8, timeout: float = 600,
                  api_key: str | None = None):
-        self.url = endpoint.rstrip("/") + ("" if endpoint.rstrip("/").endswith("/chat/completions")
-                                           else "/v1/chat/completions")
+        base = endpoint.rstrip("/")
+        if base.endswith("/chat/completions"):
+            self.url = base
+        elif base.endswith("/v1"):  # the usual OpenAI base-URL form
+            self.url = base + "/chat/completions"
+        else:
+            self.url = base + "/v1/chat/completions"
         self.model_name, self.concurrency, self.timeout, self.api_key = model, concurrency, timeout, api_key
+        self.attempts = 3
         self.name = f"{endpoint} ({model})"
 
     def choose(self, choices):
@@ -185,11 +195,18 @@ class EndpointBackend:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
-            raise MedtuneError(f"{self.url}: request failed ({exc})") from None
+        for attempt in range(self.attempts):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == self.attempts - 1:  # a client error will not fix itself
+                    raise MedtuneError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
+            except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:  # resets, timeouts, bad JSON
+                if attempt == self.attempts - 1:
+                    raise MedtuneError(f"{self.url}: request failed after {self.attempts} attempts ({exc})") from None
+            time.sleep(2 ** attempt)
         try:
             return (payload["choices"][0]["message"]["content"] or "").strip()
         except (KeyError, IndexError, TypeError):

@@ -61,12 +61,19 @@ def pick_shots(val_items: list[ExamItem], item: ExamItem, count: int) -> list[Ex
 
 # -- answer extraction ------------------------------------------------------------------------------------------
 
-_LETTERS = rf"[{OPTION_LETTERS}](?:\s*[、,，和及与/\s]?\s*[{OPTION_LETTERS}])*"
-# "答案是A", "正确答案：BD", "故选C", "选C。", "所以答案是E", "答案应该为 A、C" ...
-_CUE = re.compile(rf"(?:正确答案|正确选项|参考答案|答案|故选|应选|选择|选|answer is|answer:)\s*"
-                  rf"(?:应该是|应该为|应是|应为|是|为|：|:)?\s*(?:选项)?\s*({_LETTERS})(?![A-Za-z])", re.I)
-# A reply that starts with its letters: "A", "A、C", "BD", "C。", "(B)", "B. 多西环素" -- but not "ACE抑制剂…"
-_LEADING = re.compile(rf"^\s*[（(【\[]?\s*({_LETTERS})(?=\s|$|[。．.,，、:：;；)）】\]])")
+_OPEN, _CLOSE = r"[（(【\[*]*", r"[)）】\]*]*"
+_ONE = rf"{_OPEN}[{OPTION_LETTERS}]{_CLOSE}"
+# A letter is an answer only where a word could not continue it: "C。", "C，", "C)" -- not "B选项…" or "ACE抑制剂".
+_END = r"(?=$|[\s。．.,，、:：;；!！?？]|\*)"
+# Letters joined by 、 , / 和 及 与 or spaces on the same line: "A、C", "B和D", "A C" (never across a newline).
+_LETTERS = rf"{_ONE}(?:[ \t]*[、,，/和及与]?[ \t]*{_ONE}(?={_CLOSE}{_END}|[ \t]*[、,，/和及与]?[ \t]*{_OPEN}[A-G]))*"
+_CONNECT = r"(?:[ \t]*(?:应该是|应该为|应当是|应是|应为|是|为|：|:|选项|选))*[ \t]*"
+# Strong cues state the answer; a bare 选 / 选择 also appears in "不选A", so it counts only when nothing stronger does.
+_STRONG_CUE = re.compile(rf"(?:正确答案|正确选项|参考答案|最佳答案|答案|故选|应选|(?i:answer is|answer:|answer)){_CONNECT}"
+                         rf"({_LETTERS}){_END}")
+_WEAK_CUE = re.compile(rf"(?<!不)(?:选择|选){_CONNECT}({_LETTERS}){_END}")
+# A reply that starts with its letters: "A", "A、C", "BD", "C。", "(B)", "B. 多西环素"
+_LEADING = re.compile(rf"^\s*({_LETTERS}){_END}")
 _OFFICIAL_CUE = re.compile(r"(答案|正确选项)(是|：|为|应该是|应该为)(.*)", re.S)
 
 
@@ -76,10 +83,9 @@ def extract_answer(reply: str, options: str = OPTION_LETTERS, official: bool = F
         match = _OFFICIAL_CUE.search(reply)
         text = match.group(3) if match else reply
         return normalise_letters("".join(re.findall(r"[A-G]", text)))
-    cues = _CUE.findall(reply)
-    if cues:
-        found = cues[-1]  # chain-of-thought replies state their answer last
-    else:
+    # chain-of-thought replies state their answer last, so the last cue wins
+    found = next((cues[-1] for cues in (_STRONG_CUE.findall(reply), _WEAK_CUE.findall(reply)) if cues), None)
+    if found is None:
         leading = _LEADING.match(reply)
         if not leading:
             return ""

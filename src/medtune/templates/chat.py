@@ -133,6 +133,14 @@ class ChatTemplate:
         return self._ids(prompt_text), self._ids(reply_text)
 
     @property
+    def head_ids(self) -> list[int]:
+        """The tokens the tokenizer puts before any text (GLM-4's [gMASK]<sop>, Llama-3's <|begin_of_text|>)."""
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        return full[:start]
+
+    @property
     def stop_token_ids(self) -> list[int]:
-        ids = self.tokenizer.convert_tokens_to_ids(self.stop_strings)
-        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
+        vocabulary = self.tokenizer.get_vocab()
+        return [vocabulary[s] for s in self.stop_strings if s in vocabulary]
