@@ -88,6 +88,9 @@ class ChatTemplate:
             if not any(text[start:end].rstrip().endswith(s) for s in self.stop_strings):
                 stop = self._stop_at(text, end)
                 if stop is None and end == len(text):
+                    if not self.stop_strings:
+                        raise TemplateError("the tokenizer has no EOS token and the model no generation stop "
+                                            "tokens; set eos_token in tokenizer_config.json")
                     stop = self.stop_strings[0]
                     text += stop  # the template ends without a stop marker: teach the model to emit one
                 if stop is not None:
