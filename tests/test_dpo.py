@@ -166,3 +166,22 @@ def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * sum(
         p.numel() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
+def test_orpo_and_simpo_rows_are_the_template_ids_without_an_extra_eos(glm4_dir, tmp_path, loss_type):
+    from medtune.models.loader import load_tokenizer, lora_config
+    from medtune.stages.common import load_training_model
+
+    model_args, lora_args, data_args, training_args = dpo_args(glm4_dir, tmp_path, "--report_to", "none",
+                                                               "--eval_strategy", "no", "--loss_type", loss_type)
+    tokenizer = load_tokenizer(str(glm4_dir))
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    pairs, _ = load_records(PAIRS, "preference")
+    model = load_training_model(str(glm4_dir), model_args, training_args)
+    trainer, _ = dpo.build_trainer(training_args, data_args, model, tokenizer, template, pairs[:3], [],
+                                   lora_config(lora_args))
+    expected, _ = encode_pairs(pairs[:3], template, data_args.max_length)
+    for row, ids in zip(trainer.train_dataset, expected):
+        assert row["chosen_input_ids"] == ids["prompt_ids"] + ids["chosen_ids"]
+        assert row["rejected_labels"] == [-100] * len(ids["prompt_ids"]) + ids["rejected_ids"]

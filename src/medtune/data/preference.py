@@ -92,18 +92,40 @@ def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length
 
 
 def render_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int) -> tuple[list[dict], PairStats]:
-    """prompt / chosen / rejected strings for trainers that tokenize text themselves (ORPO, SimPO, KTO), fitted to
-    `max_length` by the same token rule as DPO so that their own truncation never has to drop a pair."""
+    """Pairs fitted to `max_length` by the same token rule as DPO, as ids (prompt_ids, chosen_ids, rejected_ids)
+    and as the text those ids decode to (prompt, chosen, rejected), for trainers that want text (KTO) or that
+    medtune feeds ids through their own row hook (ORPO, SimPO)."""
     rows, stats = encode_pairs(pairs, template, max_length)
     decode = template.tokenizer.decode
-    return [{"prompt": decode(r["prompt_ids"]), "chosen": decode(r["chosen_ids"]),
-             "rejected": decode(r["rejected_ids"])} for r in rows], stats
+    for row in rows:
+        row.update(prompt=decode(row["prompt_ids"]), chosen=decode(row["chosen_ids"]),
+                   rejected=decode(row["rejected_ids"]))
+    return rows, stats
+
+
+def pretokenized(trainer_class):
+    """A CPO-family trainer (ORPO, SimPO) whose rows are built from medtune's ids instead of re-tokenized text, so
+    no EOS is appended after the template's own stop marker or onto a truncated reply."""
+
+    class Pretokenized(trainer_class):
+        def tokenize_row(self, feature, model=None):
+            prompt = list(feature["prompt_ids"])
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = list(feature[f"{side}_ids"])
+                row[f"{side}_input_ids"] = prompt + answer
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{side}_labels"] = [-100] * len(prompt) + answer
+            return row
+
+    Pretokenized.__name__ = f"Pretokenized{trainer_class.__name__}"
+    return Pretokenized
 
 
 def unpaired_rows(rows: list[dict]) -> list[dict]:
     """KTO learns from single answers marked desirable or not: each pair gives one of each."""
     out = []
-    for row in rows:
+    for row in rows:  # KTO's trainer has no hook for ids: it gets the fitted text
         out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
         out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
     return out

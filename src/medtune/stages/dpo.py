@@ -33,7 +33,13 @@ def trl_arguments(config_class, training_args: DPOTrainingArguments, **overrides
 def build_trainer(training_args, data_args, model, tokenizer, template, train_pairs, eval_pairs, peft_config):
     """The TRL trainer for `loss_type`, its datasets prepared the way that trainer reads them. Returns
     (trainer, data statistics)."""
-    from medtune.data.preference import cached_dataset, encode_pairs, render_pairs, unpaired_rows
+    from medtune.data.preference import (
+        cached_dataset,
+        encode_pairs,
+        pretokenized,
+        render_pairs,
+        unpaired_rows,
+    )
     from medtune.data.pretrain import tokenizer_fingerprint
 
     method = training_args.loss_type
@@ -78,13 +84,13 @@ def build_trainer(training_args, data_args, model, tokenizer, template, train_pa
     elif method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        args, trainer_class = trl_arguments(ORPOConfig, training_args, **common), ORPOTrainer
+        args, trainer_class = trl_arguments(ORPOConfig, training_args, **common), pretokenized(ORPOTrainer)
     else:  # simpo: the CPO family's reference-free loss with a target margin
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = trl_arguments(CPOConfig, training_args, loss_type="simpo", simpo_gamma=training_args.simpo_gamma,
                              cpo_alpha=training_args.cpo_alpha, **common)
-        trainer_class = CPOTrainer
+        trainer_class = pretokenized(CPOTrainer)
     trainer = trainer_class(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
         train_dataset=datasets.Dataset.from_list(train_rows),
