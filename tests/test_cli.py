@@ -32,3 +32,14 @@ def test_unknown_command_and_option_exit_2():
     assert run_medtune("pretrain").returncode == 2
     result = run_medtune("pt", "--lerning_rate", "1")
     assert result.returncode == 2 and "did you mean 'learning_rate'" in result.stderr
+
+
+def test_missing_model_folder_and_dpo_alias():
+    result = run_medtune("sft", "--model_name_or_path", "/no/such/model", "--max_steps", "1", "--output_dir",
+                         "/tmp/medtune-test-unused")
+    assert result.returncode == 2 and "/no/such/model: no such model folder" in result.stderr
+
+    from medtune.config import parse_arguments
+    from medtune.stages import dpo
+
+    assert parse_arguments(dpo.ARGUMENT_TYPES, ["--loss_type", "dpo"])[3].loss_type == "sigmoid"

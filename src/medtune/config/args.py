@@ -280,6 +280,8 @@ class DPOTrainingArguments(StageTrainingArguments):
     cpo_alpha: float = field(default=0.0, metadata={"help": "SimPO/CPO: weight of the NLL term on chosen answers."})
 
     def __post_init__(self):
+        if self.loss_type == "dpo":  # what most people call the sigmoid loss
+            self.loss_type = "sigmoid"
         _check_choice("loss_type", self.loss_type, PREFERENCE_METHODS)
         super().__post_init__()
 

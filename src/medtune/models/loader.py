@@ -42,10 +42,18 @@ def read_model_config(path: str, *, required: bool = False) -> dict:
         raise MedtuneError(f"{config_file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+def check_exists(path: str) -> None:
+    """A path that looks local but is not there gets a plain answer, not the hub's repo-id error."""
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "owner/name"
+    if looks_local and not Path(path).expanduser().exists():
+        raise MedtuneError(f"{path}: no such model folder (medtune loads local folders; hub ids need a network)")
+
+
 def check_remote_code(path: str, trust_remote_code: bool) -> None:
     """Refuse, with the fix, a model that transformers can only load by running code from the model folder."""
     from transformers import CONFIG_MAPPING
 
+    check_exists(path)
     config = read_model_config(path)
     model_type = config.get("model_type")
     if config.get("auto_map") and model_type not in CONFIG_MAPPING and not trust_remote_code:
