@@ -49,6 +49,11 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: transformers' choice)."}
     )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template name (glm4, chatglm3, qwen, llama3, vicuna, alpaca). Default: the "
+                          "tokenizer's own chat_template. Training, evaluation and inference all render with it."},
+    )
 
     def __post_init__(self):
         _check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
@@ -149,11 +154,6 @@ class SFTDataArguments(DataArguments):
     data_format: str = field(
         default="auto", metadata={"help": f"Record format: {', '.join(SFT_FORMATS)} (auto detects it per file)."}
     )
-    template: str | None = field(
-        default=None,
-        metadata={"help": "Chat template name (glm4, chatglm3, qwen, llama3, vicuna, alpaca). Default: the "
-                          "tokenizer's own chat_template. Training, chat, serving and evaluation all use it."},
-    )
     model_max_length: int = field(
         default=2048, metadata={"help": "Longest tokenized conversation; longer ones are cut at the end (samples "
                                         "left with no supervised token are dropped and counted)."},
@@ -184,9 +184,6 @@ class PreferenceDataArguments(DataArguments):
 
     data_format: str = field(
         default="auto", metadata={"help": f"Record format: {', '.join(PREFERENCE_FORMATS)} (auto detects it per file)."}
-    )
-    template: str | None = field(
-        default=None, metadata={"help": "Chat template name, as for sft (default: the tokenizer's own)."}
     )
     max_length: int = field(
         default=1024,
@@ -323,7 +320,6 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass / generate call."})
     max_new_tokens: int = field(default=512, metadata={"help": "Generation length (official CMB setting: 512)."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items / cases."})
-    template: str | None = field(default=None, metadata={"help": "Chat template name (default: the tokenizer's)."})
     predictions: str | None = field(default=None, metadata={"help": "cmb-score: an answer file [{id, model_answer}]."})
     truth: str | None = field(default=None, metadata={"help": "cmb-score: answer key [{id, exam_type, exam_class, "
                                                               "answer}]."})

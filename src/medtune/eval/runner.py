@@ -31,7 +31,7 @@ def make_backend(model_args, eval_args):
         return EndpointBackend(eval_args.endpoint, eval_args.endpoint_model)
     from medtune.eval.backends import LocalBackend
 
-    return LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, eval_args.template,
+    return LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,
                         model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size)
 
 
@@ -158,7 +158,7 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
     settings = {"data": str(eval_args.data_dir or bundled_data_dir(default_data)), "split": eval_args.split,
                 "model": model_args.model_name_or_path, "adapter": eval_args.adapter_name_or_path,
                 "endpoint": eval_args.endpoint, "mode": mode, "cot": eval_args.cot, "shots": eval_args.shots,
-                "official": eval_args.official, "template": eval_args.template}
+                "official": eval_args.official, "template": model_args.template}
     done = open_run(output_dir, settings)
     backend = make_backend(model_args, eval_args) if any(i.id not in done for i in items) else None
     started = time.perf_counter()
@@ -218,7 +218,7 @@ def run_perplexity(model_args, eval_args) -> dict:
     documents, _ = load_records(location, "text")
     if eval_args.limit is not None:
         documents = documents[: eval_args.limit]
-    backend = LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, eval_args.template,
+    backend = LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,
                            model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size)
     tokenizer = backend.tokenizer
     blocks, stats = group_into_blocks(tokenize_texts((d.text for d in documents), tokenizer), eval_args.block_size,

@@ -114,7 +114,7 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     resume, model_path, tokenizer = start_stage(model_args, training_args,
                                                 (model_args, lora_args, data_args, training_args))
-    template = load_chat_template(model_path, tokenizer, data_args.template)
+    template = load_chat_template(model_path, tokenizer, model_args.template)
     train_pairs, eval_pairs, dropped = load_pairs(data_args)
     callbacks = configure_evaluation(training_args, bool(eval_pairs))
 

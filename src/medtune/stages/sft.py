@@ -37,7 +37,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
 
     resume, model_path, tokenizer = start_stage(model_args, training_args,
                                                 (model_args, lora_args, data_args, training_args))
-    template = load_chat_template(model_path, tokenizer, data_args.template)
+    template = load_chat_template(model_path, tokenizer, model_args.template)
 
     # Every record is validated and encoded before the model is loaded.
     train_conversations, eval_conversations = load_conversations(data_args)
