@@ -151,18 +151,24 @@ def test_full_fine_tuning_with_precomputed_reference(glm4_dir, tmp_path):
     assert "eval_rewards/accuracies" in metrics
 
 
-def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
+def build_dpo_trainer(model_dir: Path, out: Path, pairs: list, *extra: str):
+    """The TRL trainer `medtune dpo` would train, without training it; returns (trainer, template, data args)."""
     from medtune.models.loader import load_tokenizer, lora_config
     from medtune.stages.common import load_training_model
 
-    model_args, lora_args, data_args, training_args = dpo_args(glm4_dir, tmp_path, "--report_to", "none",
-                                                               "--eval_strategy", "no")
-    tokenizer = load_tokenizer(str(glm4_dir))
-    template = load_chat_template(str(glm4_dir), tokenizer)
-    pairs, _ = load_records(PAIRS, "preference")
-    model = load_training_model(str(glm4_dir), model_args, training_args)
-    trainer, _ = dpo.build_trainer(training_args, data_args, model, tokenizer, template, pairs[:4], [],
+    model_args, lora_args, data_args, training_args = dpo_args(model_dir, out, "--report_to", "none",
+                                                               "--eval_strategy", "no", *extra)
+    tokenizer = load_tokenizer(str(model_dir))
+    template = load_chat_template(str(model_dir), tokenizer)
+    model = load_training_model(str(model_dir), model_args, training_args)
+    trainer, _ = dpo.build_trainer(training_args, data_args, model, tokenizer, template, pairs, [],
                                    lora_config(lora_args))
+    return trainer, template, data_args
+
+
+def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
+    pairs, _ = load_records(PAIRS, "preference")
+    trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs[:4])
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * sum(
         p.numel() for p in trainer.model.parameters())
@@ -170,17 +176,8 @@ def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
 def test_orpo_and_simpo_rows_are_the_template_ids_without_an_extra_eos(glm4_dir, tmp_path, loss_type):
-    from medtune.models.loader import load_tokenizer, lora_config
-    from medtune.stages.common import load_training_model
-
-    model_args, lora_args, data_args, training_args = dpo_args(glm4_dir, tmp_path, "--report_to", "none",
-                                                               "--eval_strategy", "no", "--loss_type", loss_type)
-    tokenizer = load_tokenizer(str(glm4_dir))
-    template = load_chat_template(str(glm4_dir), tokenizer)
     pairs, _ = load_records(PAIRS, "preference")
-    model = load_training_model(str(glm4_dir), model_args, training_args)
-    trainer, _ = dpo.build_trainer(training_args, data_args, model, tokenizer, template, pairs[:3], [],
-                                   lora_config(lora_args))
+    trainer, template, data_args = build_dpo_trainer(glm4_dir, tmp_path, pairs[:3], "--loss_type", loss_type)
     expected, _ = encode_pairs(pairs[:3], template, data_args.max_length)
     for row, ids in zip(trainer.train_dataset, expected):
         assert row["chosen_input_ids"] == ids["prompt_ids"] + ids["chosen_ids"]
