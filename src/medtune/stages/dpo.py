@@ -48,17 +48,25 @@ def build_trainer(training_args, data_args, model, tokenizer, template, train_pa
         from trl import DPOConfig, DPOTrainer
 
         class PretokenizedDPOTrainer(DPOTrainer):
-            """DPOTrainer fed ids from our ChatTemplate, so pairs render exactly as in sft and at inference."""
+            """DPOTrainer fed ids from our ChatTemplate, so pairs render exactly as in sft and at inference, with a
+            `length` column kept for length-grouped batches (chosen and rejected are padded to the batch's longest)."""
 
             def _prepare_dataset(self, dataset, *args, **kwargs):
                 if "prompt_ids" in dataset.column_names:
                     return dataset
                 return super()._prepare_dataset(dataset, *args, **kwargs)
 
+            def _set_signature_columns_if_needed(self):
+                super()._set_signature_columns_if_needed()
+                if "length" not in self._signature_columns:
+                    self._signature_columns = [*self._signature_columns, "length"]
+
         identity = f"{tokenizer_fingerprint(tokenizer)}|{template.jinja}|{data_args.max_length}"
         train_rows, stats = encode_pairs(train_pairs, template, data_args.max_length)
         eval_rows, eval_stats = encode_pairs(eval_pairs, template, data_args.max_length)
-        args = trl_arguments(DPOConfig, training_args, loss_type=[method],
+        for row in train_rows + eval_rows:  # the Trainer groups evaluation batches by length too
+            row["length"] = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        args = trl_arguments(DPOConfig, training_args, loss_type=[method], train_sampling_strategy="group_by_length",
                              precompute_ref_log_probs=training_args.precompute_ref_log_probs, **common)
         trainer = PretokenizedDPOTrainer(
             model=model, ref_model=None, args=args, processing_class=tokenizer, peft_config=peft_config,
