@@ -156,3 +156,17 @@ def test_truncation_drops_and_counts_conversations_with_nothing_left_to_learn(ti
     assert stats.dropped_no_supervised_token == 1 and stats.truncated == 1
     assert len(examples) == 1 and len(examples[0]["input_ids"]) == 40
     assert any(label != -100 for label in examples[0]["labels"][1:])
+
+
+def test_sft_resumes_from_its_latest_checkpoint(tiny_model, tmp_path):
+    def run(max_steps: str, *extra: str):
+        sft.run_sft(*parse_arguments(sft.ARGUMENT_TYPES, [
+            *TINY, "--model_name_or_path", str(tiny_model("glm4")), "--output_dir", str(tmp_path), "--max_steps",
+            max_steps, "--save_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "1",
+            *extra]))
+
+    run("2")
+    run("4", "--resume_from_checkpoint", "true")
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 resumed
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
