@@ -59,7 +59,7 @@ def test_tokenized_corpus_is_cached_and_reused(pt_run, tmp_path):
     again = run_medtune("pt", *TINY, "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"),
                         "--max_steps", "1", "--eval_on_start", "false")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "loading tokenized blocks from cache" in again.stderr
+    assert "loading tokenized data from cache" in again.stderr
     stats = json.loads((tmp_path / "o" / "data_stats.json").read_text())
     assert stats["train"]["dropped_tokens"] == 0 and stats["train"]["blocks"] > 0
 

@@ -170,3 +170,19 @@ def test_sft_resumes_from_its_latest_checkpoint(tiny_model, tmp_path):
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 resumed
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_encoded_conversations_are_cached_once(tiny_model, conversations, tmp_path):
+    from medtune.data.sft import build_sft_split
+
+    folder = tiny_model("glm4")
+    template = load_chat_template(str(folder), AutoTokenizer.from_pretrained(folder))
+    (_, _, data_args, _) = parse_arguments(sft.ARGUMENT_TYPES, ["--data_cache_dir", str(tmp_path),
+                                                                 "--model_max_length", "512"])
+    first, first_stats = build_sft_split(conversations[:20], template, data_args)
+    entries = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    second, second_stats = build_sft_split(conversations[:20], template, data_args)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == entries and len(entries) == 1
+    assert first["input_ids"] == second["input_ids"] and first_stats == second_stats
+    build_sft_split(conversations[:19], template, data_args)  # other data, other entry
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2

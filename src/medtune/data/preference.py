@@ -6,15 +6,14 @@ Pairs whose chosen and rejected answers are identical carry no preference and ar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from medtune.data.cache import build_once, cache_folder, fingerprint
 from medtune.data.loading import load_records, split_records
 from medtune.data.records import PreferencePair
-from medtune.paths import bundled_data_dir, cache_dir
+from medtune.paths import bundled_data_dir
 from medtune.templates.chat import ChatTemplate
 
 logger = logging.getLogger(__name__)
@@ -138,13 +137,8 @@ def cached_dataset(rows: list[dict], name: str, identity: str, data_cache_dir: s
     reference log-probs: a re-run, or another loss type on the same model and data, finds them there.
     """
     import datasets
-    from filelock import FileLock
 
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{identity}|".encode())
-    digest.update(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode())
-    folder = Path(data_cache_dir or cache_dir("tokenized")) / f"{name}-{digest.hexdigest()[:20]}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / "dataset_info.json").is_file():
-            datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    key = fingerprint(f"v{CACHE_VERSION}", identity, json.dumps(rows, ensure_ascii=False, sort_keys=True))
+    folder = build_once(cache_folder(name, key, data_cache_dir),
+                        lambda scratch: datasets.Dataset.from_list(rows).save_to_disk(str(scratch)))
     return datasets.load_from_disk(str(folder))

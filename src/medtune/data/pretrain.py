@@ -7,21 +7,19 @@ caller wraps this in `main_process_first`, so rank 0 builds the cache while the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from filelock import FileLock
-
 from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
+from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
 from medtune.data.loading import KIND_SUFFIXES, load_records, read_file, split_records
 from medtune.data.readers import list_data_files, raise_if_problems, read_json_records, read_text_lines
 from medtune.data.records import TextDocument
 from medtune.errors import DataError, Problem
-from medtune.paths import bundled_data_dir, cache_dir
+from medtune.paths import bundled_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,22 +59,10 @@ def _documents_from_datasets(name: str, config_name: str | None) -> list[TextDoc
     return documents
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{payload}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}".encode()).hexdigest()
-
-
 def cache_key(train: list[TextDocument], evaluation: list[TextDocument], tokenizer, data_args) -> str:
-    digest = hashlib.sha256()
-    for split in (train, evaluation):
-        for document in split:
-            digest.update(document.text.encode("utf-8"))
-            digest.update(b"\0")
-        digest.update(b"\1")
-    settings = f"v{CACHE_VERSION}|{data_args.block_size}|{data_args.remainder}|{tokenizer_fingerprint(tokenizer)}"
-    digest.update(settings.encode())
-    return digest.hexdigest()[:20]
+    texts = "\1".join("\0".join(d.text for d in split) for split in (train, evaluation))
+    return fingerprint(f"v{CACHE_VERSION}", texts, str(data_args.block_size), data_args.remainder,
+                       tokenizer_fingerprint(tokenizer))
 
 
 def _build_split(documents: list[TextDocument], tokenizer, data_args, scratch: Path, name: str):
@@ -95,11 +81,7 @@ def _build_split(documents: list[TextDocument], tokenizer, data_args, scratch: P
     return dataset, stats
 
 
-def _build_cache_entry(entry: Path, train_docs, eval_docs, tokenizer, data_args) -> None:
-    scratch = entry.with_name(entry.name + ".building")
-    shutil.rmtree(scratch, ignore_errors=True)
-    shutil.rmtree(entry, ignore_errors=True)
-    scratch.mkdir(parents=True)
+def _build_blocks(scratch: Path, train_docs, eval_docs, tokenizer, data_args) -> None:
     stats = {}
     for name, documents in (("train", train_docs), ("eval", eval_docs)):
         if not documents:
@@ -111,7 +93,6 @@ def _build_cache_entry(entry: Path, train_docs, eval_docs, tokenizer, data_args)
     (scratch / "stats.json").write_text(json.dumps(stats, indent=2))
     for name in ("train", "eval"):
         shutil.rmtree(scratch / name, ignore_errors=True)  # the generator's own scratch cache
-    scratch.rename(entry)
 
 
 def prepare_block_datasets(data_args, tokenizer) -> tuple[object, object | None, dict]:
@@ -119,16 +100,10 @@ def prepare_block_datasets(data_args, tokenizer) -> tuple[object, object | None,
     import datasets
 
     train_docs, eval_docs = load_documents(data_args)
-    key = cache_key(train_docs, eval_docs, tokenizer, data_args)
-    entry = Path(data_args.data_cache_dir or cache_dir("tokenized")) / key
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    # A file lock, not just main_process_first: independent runs (and ranks, if the process group is not up yet)
-    # may share the cache, and only one of them may build an entry.
-    with FileLock(str(entry) + ".lock"):
-        if (entry / "stats.json").is_file() and not data_args.overwrite_cache:
-            logger.info("loading tokenized blocks from cache %s", entry)
-        else:
-            _build_cache_entry(entry, train_docs, eval_docs, tokenizer, data_args)
+    entry = build_once(cache_folder("pt", cache_key(train_docs, eval_docs, tokenizer, data_args),
+                                    data_args.data_cache_dir),
+                       lambda scratch: _build_blocks(scratch, train_docs, eval_docs, tokenizer, data_args),
+                       rebuild=data_args.overwrite_cache)
     stats = json.loads((entry / "stats.json").read_text())
     train = datasets.load_from_disk(str(entry / "train_blocks"))
     evaluation = datasets.load_from_disk(str(entry / "eval_blocks")) if "eval" in stats else None

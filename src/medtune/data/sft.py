@@ -8,15 +8,20 @@ computed position is a real token.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
 from medtune.data.loading import load_records, split_records
 from medtune.data.records import Conversation
 from medtune.paths import bundled_data_dir
 from medtune.templates.chat import IGNORE_INDEX, ChatTemplate
 
 logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
 
 
 @dataclass
@@ -103,17 +108,29 @@ def pack_examples(examples: list[dict], capacity: int) -> list[dict]:
     return packed
 
 
-def build_sft_split(conversations: list[Conversation], template: ChatTemplate, data_args):
-    """A `datasets.Dataset` of (packed) examples, and its statistics."""
+def build_sft_split(conversations: list[Conversation], template: ChatTemplate, data_args, name: str = "train"):
+    """A `datasets.Dataset` of (packed) examples and its statistics, encoded once and cached: a re-run, a resume
+    or another torchrun rank loads it instead of rendering every conversation again."""
     import datasets
 
-    examples, stats = encode_conversations(conversations, template, data_args.model_max_length,
-                                           data_args.train_on_prompt)
-    if data_args.packing:
-        examples = pack_examples(examples, data_args.model_max_length)
-    stats.sequences = len(examples)
-    stats.computed_positions = sum(len(e["input_ids"]) for e in examples)
-    return datasets.Dataset.from_list(examples), stats
+    key = fingerprint(f"v{CACHE_VERSION}", json.dumps([c.messages for c in conversations], ensure_ascii=False),
+                      tokenizer_fingerprint(template.tokenizer), template.jinja, "|".join(template.stop_strings),
+                      str(data_args.model_max_length), str(data_args.train_on_prompt), str(data_args.packing))
+
+    def build(scratch: Path) -> None:
+        examples, stats = encode_conversations(conversations, template, data_args.model_max_length,
+                                               data_args.train_on_prompt)
+        if data_args.packing:
+            examples = pack_examples(examples, data_args.model_max_length)
+        stats.sequences = len(examples)
+        stats.computed_positions = sum(len(e["input_ids"]) for e in examples)
+        datasets.Dataset.from_list(examples).save_to_disk(str(scratch / "data"))
+        (scratch / "stats.json").write_text(json.dumps(asdict(stats)))
+
+    folder = build_once(cache_folder(f"sft-{name}", key, data_args.data_cache_dir), build,
+                        rebuild=data_args.overwrite_cache)
+    stats = EncodingStats(**json.loads((folder / "stats.json").read_text()))
+    return datasets.load_from_disk(str(folder / "data")), stats
 
 
 def log_encoding_stats(name: str, stats: EncodingStats) -> None:

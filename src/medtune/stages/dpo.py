@@ -33,6 +33,7 @@ def trl_arguments(config_class, training_args: DPOTrainingArguments, **overrides
 def build_trainer(training_args, data_args, model, tokenizer, template, train_pairs, eval_pairs, peft_config):
     """The TRL trainer for `loss_type`, its datasets prepared the way that trainer reads them. Returns
     (trainer, data statistics)."""
+    from medtune.data.cache import tokenizer_fingerprint
     from medtune.data.preference import (
         cached_dataset,
         encode_pairs,
@@ -40,7 +41,6 @@ def build_trainer(training_args, data_args, model, tokenizer, template, train_pa
         render_pairs,
         unpaired_rows,
     )
-    from medtune.data.pretrain import tokenizer_fingerprint
 
     method = training_args.loss_type
     common = {"max_length": data_args.max_length, "beta": training_args.beta}

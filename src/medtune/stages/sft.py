@@ -43,8 +43,8 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     train_conversations, eval_conversations = load_conversations(data_args)
     with training_args.main_process_first(desc="encoding conversations"):
         train_set, train_stats = build_sft_split(train_conversations, template, data_args)
-        eval_set, eval_stats = (build_sft_split(eval_conversations, template, data_args) if eval_conversations
-                                else (None, None))
+        eval_set, eval_stats = (build_sft_split(eval_conversations, template, data_args, "eval")
+                                if eval_conversations else (None, None))
     log_encoding_stats("train", train_stats)
     if eval_stats:
         log_encoding_stats("eval", eval_stats)
