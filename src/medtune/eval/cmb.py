@@ -25,8 +25,13 @@ ANSWER_ONLY = "不需要做任何分析和解释，直接输出答案选项。"
 CHAIN_OF_THOUGHT = "请分析每个选项，并最后给出答案。"
 
 
+def shown_options(item: ExamItem, official: bool = False) -> dict[str, str]:
+    """The options put in front of the model (the official scripts drop one-character options)."""
+    return {k: v for k, v in item.options.items() if not (official and len(v.strip()) == 1)}
+
+
 def item_prompt(item: ExamItem, cot: bool = False, official: bool = False) -> str:
-    options = {k: v for k, v in item.options.items() if not (official and len(v.strip()) == 1)}
+    options = shown_options(item, official)
     lines = [f"以下是中国{item.exam_type}中{item.exam_class}考试的一道{item.question_type}，"
              f"{CHAIN_OF_THOUGHT if cot else ANSWER_ONLY}", item.question]
     lines += [f"{letter}. {text}" for letter, text in options.items()]

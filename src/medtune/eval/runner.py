@@ -15,7 +15,7 @@ from pathlib import Path
 from medtune.data.loading import load_records
 from medtune.data.records import AnswerKey, ExamItem
 from medtune.errors import ConfigError, DataError, Problem
-from medtune.eval.cmb import extract_answer, item_messages, pick_shots, score
+from medtune.eval.cmb import extract_answer, item_messages, pick_shots, score, shown_options
 from medtune.eval.report import write_results
 from medtune.paths import bundled_data_dir
 
@@ -134,8 +134,7 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
         conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots), eval_args.cot, eval_args.official)
                          for i in batch]
         if mode == "likelihood":
-            letters = [("".join(k for k, v in i.options.items() if not (eval_args.official and len(v.strip()) == 1)))
-                       for i in batch]
+            letters = ["".join(shown_options(i, eval_args.official)) for i in batch]
             chosen = backend.choose([Choice(m, ls, i.multiple) for m, ls, i in zip(conversations, letters, batch)])
             records = [{"id": i.id, "model_answer": answer, "scores": {k: round(v, 6) for k, v in s.items()}}
                        for i, (answer, s) in zip(batch, chosen)]
