@@ -178,7 +178,8 @@ def run_clin(model_args, eval_args) -> dict:
             results[f"judge_{key}_unparsed"] = len(turns) - len(values)
     (output_dir / "clin_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     lines = ["# CMB-Clin", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {str(v).replace('|', '&#124;')} |"
+              for k, v in results.items()]  # the BLEU signature's bars would split the table's cells
     (output_dir / "clin_results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     logger.info("CMB-Clin: ROUGE-L F1 %.4f, BLEU %.2f over %d answers -> %s", results["rouge_l"], results["bleu"],
                 len(turns), output_dir / "clin_results.json")
