@@ -163,17 +163,21 @@ def bad_input(kind, folder):
     elif kind == "answer letter not an option":
         items = [dict(items[0], option={k: v for k, v in items[0]["option"].items() if k != "B"})] + items[1:]
         expected = f"{folder / 'test_answers.json'}:2: answer: 'B' is not among the options of item 'test-001' (ACDE)"
+    elif kind == "answers inside some items only":
+        items = [dict(i, answer=k["answer"]) for i, k in zip(items[:3], keys)] + items[3:]
+        expected = (f"{folder / 'test.json'}:5: answer: 3 of 6 items have no answer while the others have one; "
+                    "give every item its answer, or none and an --answers_file")
     else:  # an empty test.json
         items = []
         expected = f"{folder / 'test.json'}: no items to evaluate (an empty file)"
     write_array(folder / "test.json", items)
-    if answers is None:
+    if answers is None and kind != "answers inside some items only":
         write_array(folder / "test_answers.json", keys)
     return folder, answers, expected
 
 
 BAD_INPUTS = ["answers cover some items", "answer for an id that is not an item", "item id twice", "answer id twice",
-              "answer letter not an option", "empty test.json"]
+              "answer letter not an option", "answers inside some items only", "empty test.json"]
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
