@@ -306,7 +306,11 @@ class EvalArguments:
     answers_file: str | None = field(
         default=None, metadata={"help": "Answer key keyed by id (default: <data_dir>/test_answers.json for test)."}
     )
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where answers and results are written."})
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Where answers and results are written. A re-run resumes its "
+                                                  "answers if the options and weights are unchanged; otherwise the "
+                                                  "old ones are moved aside (*.stale-*) and recomputed."},
+    )
     mode: str = field(
         default="auto", metadata={"help": "likelihood (compare option scores; local models), generate (decode and "
                                           "extract), or auto (likelihood locally, generate for an endpoint)."},

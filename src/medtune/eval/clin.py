@@ -1,23 +1,33 @@
 """CMB-Clin: each case is a multi-turn consultation -- the description with the first question, then each later
 question, the model's own earlier answers kept in the history -- scored against the reference solutions.
 
-Automatic scores are character-level (Chinese has no spaces; characters avoid a segmenter's vocabulary choices):
-ROUGE-L F1 over the longest common character subsequence, and BLEU-4 over character n-grams with a brevity
-penalty (zero n-gram matches are smoothed with epsilon 0.1 so short answers do not all score 0). An optional judge,
-any OpenAI-compatible endpoint, rates each answer 1-5 on the official four criteria.
+Automatic scores come from maintained libraries, both on the same tokens: sacrebleu's `zh` tokenizer makes every
+Chinese character a token (Chinese has no spaces; characters avoid a segmenter's vocabulary choices) and splits
+other runs -- drug names, doses -- into words as sacrebleu's 13a does. ROUGE-L F1 is rouge-score's (given these
+tokens, since its own tokenizer drops every non-ASCII character), averaged over answers; BLEU-4 is sacrebleu's
+corpus BLEU (0-100) with its signature. An optional judge, any OpenAI-compatible endpoint, rates each answer 1-5
+on the official four criteria.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-from collections import Counter
 from pathlib import Path
 
 from medtune.data.loading import load_records
-from medtune.eval.runner import append_predictions, make_backend, open_run, progress
+from medtune.data.readers import raise_if_problems
+from medtune.errors import ConfigError, DataError, Problem
+from medtune.eval.runner import (
+    append_predictions,
+    content_digest,
+    make_backend,
+    model_settings,
+    open_run,
+    progress,
+    repeated_ids,
+)
 from medtune.paths import bundled_data_dir
 
 logger = logging.getLogger(__name__)
@@ -31,42 +41,36 @@ AI助手的回答：{answer}
 
 请从以下四个方面各给出1到5的整数分（5为最好）：流畅性、相关性、完整性、医学知识专业性。
 只输出JSON，例如：{{"流畅性": 4, "相关性": 5, "完整性": 3, "医学知识专业性": 4}}"""
+TOKENIZATION = ("sacrebleu zh tokenizer for both metrics: each Chinese character is a token, other text is split "
+                "into words as sacrebleu 13a does")
 
 
-def characters(text: str) -> list[str]:
-    return [c for c in text if not c.isspace()]
+def zh_tokens(text: str) -> list[str]:
+    from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
+
+    return TokenizerZh()(text).split()
+
+
+class _ZhTokenizer:
+    """rouge-score's tokenizer interface over `zh_tokens`."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return zh_tokens(text)
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    a, b = characters(candidate), characters(reference)
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 of one answer against its reference solution."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], tokenizer=_ZhTokenizer()).score(reference, candidate)["rougeL"].fmeasure
 
 
-def bleu(candidate: str, reference: str, max_n: int = 4, epsilon: float = 0.1) -> float:
-    a, b = characters(candidate), characters(reference)
-    if not a or not b:
-        return 0.0
-    log_precision = 0.0
-    for n in range(1, max_n + 1):
-        grams = Counter(tuple(a[i:i + n]) for i in range(len(a) - n + 1))
-        ref_grams = Counter(tuple(b[i:i + n]) for i in range(len(b) - n + 1))
-        total = max(sum(grams.values()), 1)
-        matched = sum(min(count, ref_grams[g]) for g, count in grams.items())
-        log_precision += math.log((matched or epsilon) / total) / max_n
-    brevity = 1.0 if len(a) > len(b) else math.exp(1 - len(b) / len(a))
-    return brevity * math.exp(log_precision)
+def corpus_bleu(candidates: list[str], references: list[str]) -> tuple[float, str]:
+    """(BLEU-4 over all answers, 0-100, as sacrebleu reports it; sacrebleu's signature of the settings)."""
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(tokenize="zh")
+    return metric.corpus_score(candidates, [references]).score, str(metric.get_signature())
 
 
 def parse_judgement(reply: str) -> dict[str, int | None]:
@@ -108,15 +112,28 @@ def consult(cases, backend, max_new_tokens: int) -> list[list[str]]:
     return answers
 
 
-def run_clin(model_args, eval_args) -> dict:
+def load_cases(eval_args):
+    """(the case file, the cases to consult); no cases or an id used twice are refused before anything runs."""
     location = Path(eval_args.data_dir) if eval_args.data_dir else bundled_data_dir("eval/cmb")
-    cases, _ = load_records(location / "clin.json" if location.is_dir() else location, "clin")
+    clin_file = location / "clin.json" if location.is_dir() else location
+    cases, _ = load_records(clin_file, "clin")
+    if not cases:
+        raise DataError([Problem(str(clin_file), None, None, "no CMB-Clin cases to evaluate (an empty file)")])
+    raise_if_problems(repeated_ids(cases, "case"))
     if eval_args.limit is not None:
         cases = cases[: eval_args.limit]
+        if not cases:
+            raise ConfigError(f"--limit {eval_args.limit} leaves no cases to evaluate")
+    return clin_file, cases
+
+
+def run_clin(model_args, eval_args) -> dict:
+    clin_file, cases = load_cases(eval_args)
     output_dir = Path(eval_args.output_dir)
-    settings = {"data": str(location), "model": model_args.model_name_or_path, "endpoint": eval_args.endpoint,
-                "adapter": eval_args.adapter_name_or_path, "judge": eval_args.judge_endpoint,
-                "max_new_tokens": eval_args.max_new_tokens}
+    # Only the answers are resumed; the metrics are recomputed from them and the solutions on every run.
+    settings = {"data": str(clin_file), "data_digest": content_digest(clin_file), "judge": eval_args.judge_endpoint,
+                "judge_model": eval_args.judge_model if eval_args.judge_endpoint else None,
+                **model_settings(model_args, eval_args, generates=True)}
     done = open_run(output_dir, settings)
     todo = [c for c in cases if c.id not in done]
     judge = None
@@ -133,8 +150,7 @@ def run_clin(model_args, eval_args) -> dict:
             for case, answers in zip(batch, consult(batch, backend, eval_args.max_new_tokens)):
                 turns = []
                 for qa, answer in zip(case.qa_pairs, answers):
-                    turn = {"question": qa["question"], "answer": answer, "rouge_l": rouge_l(answer, qa["solution"]),
-                            "bleu": bleu(answer, qa["solution"])}
+                    turn = {"question": qa["question"], "answer": answer}
                     if judge is not None:
                         prompt = JUDGE_PROMPT.format(description=case.description, question=qa["question"],
                                                      solution=qa["solution"], answer=answer)
@@ -147,11 +163,13 @@ def run_clin(model_args, eval_args) -> dict:
             bar.update(len(batch))
         bar.close()
     turns = [t for c in cases for t in done[c.id]["turns"]]
+    answers = [t["answer"] for t in turns]
+    solutions = [qa["solution"] for c in cases for qa in c.qa_pairs]
+    bleu, signature = corpus_bleu(answers, solutions)
     results = {
         "cases": len(cases), "answers": len(turns),
-        "rouge_l": sum(t["rouge_l"] for t in turns) / len(turns),
-        "bleu": sum(t["bleu"] for t in turns) / len(turns),
-        "metric_unit": "character",
+        "rouge_l": sum(rouge_l(a, s) for a, s in zip(answers, solutions)) / len(turns),
+        "bleu": bleu, "bleu_signature": signature, "tokenization": TOKENIZATION,
     }
     if judge is not None:
         for key in CRITERIA:
@@ -160,8 +178,9 @@ def run_clin(model_args, eval_args) -> dict:
             results[f"judge_{key}_unparsed"] = len(turns) - len(values)
     (output_dir / "clin_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     lines = ["# CMB-Clin", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {str(v).replace('|', '&#124;')} |"
+              for k, v in results.items()]  # the BLEU signature's bars would split the table's cells
     (output_dir / "clin_results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    logger.info("CMB-Clin: ROUGE-L %.4f, BLEU %.4f over %d answers -> %s", results["rouge_l"], results["bleu"],
+    logger.info("CMB-Clin: ROUGE-L F1 %.4f, BLEU %.2f over %d answers -> %s", results["rouge_l"], results["bleu"],
                 len(turns), output_dir / "clin_results.json")
     return results

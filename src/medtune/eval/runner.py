@@ -6,13 +6,16 @@ loses nothing and the finished results equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 from medtune.data.loading import load_records
+from medtune.data.readers import raise_if_problems
 from medtune.data.records import AnswerKey, ExamItem
 from medtune.errors import ConfigError, DataError, Problem
 from medtune.eval.cmb import extract_answer, item_messages, pick_shots, score, shown_options
@@ -45,28 +48,151 @@ def resolve_mode(eval_args) -> str:
 
 # -- resumable predictions -----------------------------------------------------------------------------------------
 
-def open_run(output_dir: Path, settings: dict) -> dict[str, dict]:
-    """Predictions already made by an interrupted run with the same settings (id -> record)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    settings_file = output_dir / RUN_SETTINGS
-    if settings_file.is_file():
-        previous = json.loads(settings_file.read_text(encoding="utf-8"))
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ConfigError(f"{output_dir} holds an evaluation with other settings ({', '.join(changed)}); "
-                              "choose a new --output_dir")
+# Files of a model or adapter folder whose change can change an answer: weights (and their shard index), the
+# architecture config, generation defaults, and the tokenizer with its chat template.
+ANSWER_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json")
+ANSWER_FILE_NAMES = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
+                     "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+
+
+def folder_fingerprint(folder: str | None) -> str | None:
+    """Size and mtime of every answer-changing file in a model/adapter folder, hashed (None: not a local folder).
+
+    Stat only, no reading: a 9B model's weights are fingerprinted in microseconds, and a save at the same path
+    always moves the mtime.
+    """
+    if not folder or not Path(folder).is_dir():
+        return None
+    entries = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and (path.name in ANSWER_FILE_NAMES or path.name.endswith(ANSWER_FILE_SUFFIXES)):
+            stat = path.stat()
+            entries.append(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def content_digest(*files: Path) -> str:
+    """A hash of data files' bytes (evaluation data is small; unlike weights it is often copied, keeping content)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# Generation options that change a reply; the sampling ones may not exist on EvalArguments yet.
+GENERATION_OPTIONS = ("max_new_tokens", "num_samples", "temperature", "top_p", "top_k", "seed")
+
+
+def model_settings(model_args, eval_args, generates: bool) -> dict:
+    """The part of an evaluation's resume key that says which model answers and how it decodes."""
+    settings = {"endpoint": eval_args.endpoint}
+    if eval_args.endpoint:
+        settings["endpoint_model"] = eval_args.endpoint_model
     else:
-        settings_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
+        import torch
+
+        from medtune.models.loader import resolve_model_path
+
+        model = resolve_model_path(model_args.model_name_or_path)
+        settings |= {"model": model_args.model_name_or_path, "adapter": eval_args.adapter_name_or_path,
+                     "template": model_args.template, "torch_dtype": model_args.torch_dtype,
+                     # "auto" means bf16 on a GPU and fp32 on the CPU; the device also moves the arithmetic
+                     "device": "cuda" if torch.cuda.is_available() else "cpu",
+                     "tokenizer": getattr(model_args, "tokenizer_name_or_path", None),
+                     "model_weights": folder_fingerprint(model),
+                     "adapter_weights": folder_fingerprint(eval_args.adapter_name_or_path)}
+    if generates:
+        settings |= {name: getattr(eval_args, name) for name in GENERATION_OPTIONS if hasattr(eval_args, name)}
+    return settings
+
+
+def open_run(output_dir: Path, settings: dict) -> dict[str, dict]:
+    """Predictions already made by an earlier run with the same settings (id -> record).
+
+    Answers made with other settings or other weights are never reused: they are moved aside (with the run.json
+    that describes them) as `*.stale-<time>.*`, one log line says why, and the evaluation starts again. A run.json
+    that cannot be read is treated the same way, since nothing then says what its predictions were made with.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings_file, predictions_file = output_dir / RUN_SETTINGS, output_dir / PREDICTIONS
+    if settings_file.is_file() or predictions_file.is_file():
+        previous = read_settings(settings_file)
+        if previous != settings:
+            set_aside_stale_run(output_dir, stale_reason(settings_file, previous, settings))
+    if not settings_file.is_file():
+        write_atomically(settings_file, json.dumps(settings, indent=2, ensure_ascii=False).encode())
+    return read_predictions(predictions_file)
+
+
+def read_settings(settings_file: Path) -> dict | None:
+    """The settings a run recorded; None when run.json is missing, cut short or not a settings object."""
+    try:
+        settings = json.loads(settings_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def stale_reason(settings_file: Path, previous: dict | None, settings: dict) -> str:
+    if previous is None:
+        return f"{settings_file.name} is missing or unreadable"
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    return f"changed: {', '.join(changed)}"
+
+
+def set_aside_stale_run(output_dir: Path, reason: str) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    while any((output_dir / f"{Path(n).stem}.stale-{stamp}{Path(n).suffix}").exists() for n in (PREDICTIONS, RUN_SETTINGS)):
+        stamp += "x"  # two set-asides within one second
+    moved = []
+    for name in (PREDICTIONS, RUN_SETTINGS):
+        if (output_dir / name).exists():
+            target = output_dir / f"{Path(name).stem}.stale-{stamp}{Path(name).suffix}"
+            os.replace(output_dir / name, target)
+            moved.append(target.name)
+    logger.warning("%s: earlier answers not reused (%s); moved to %s, predicting again", output_dir, reason,
+                   " and ".join(moved))
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """id -> record of every complete line; a line cut short by a kill (mid JSON or mid UTF-8 character) is
+    dropped from the file, so its item is predicted again and the appended lines start on a line of their own."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
     done: dict[str, dict] = {}
-    path = output_dir / PREDICTIONS
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: that item is simply predicted again
-            done[str(record["id"])] = record
+    kept: list[bytes] = []
+    dropped = 0
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        record = parse_prediction(raw)
+        if record is None:
+            dropped += 1
+            continue
+        done[str(record["id"])] = record
+        kept.append(raw)
+    if dropped or not data.endswith(b"\n"):
+        write_atomically(path, b"".join(line + b"\n" for line in kept))
+    if dropped:
+        logger.warning("%s: %d unreadable line(s) dropped (cut short by a kill?); those items are predicted again",
+                       path, dropped)
     return done
+
+
+def parse_prediction(raw: bytes) -> dict | None:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and "id" in record else None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write whole or not at all: a kill mid-write leaves the previous file (or none), never a cut one."""
+    scratch = path.with_name(path.name + ".partial")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
 
 
 def append_predictions(output_dir: Path, records: list[dict]) -> None:
@@ -87,17 +213,29 @@ def progress(total: int, done: int, description: str):
 SAFETY_PROBE = "eval/safety/drug_safety_probe.json"
 
 
-def load_exam(eval_args, default_data: str) -> tuple[list[ExamItem], list[ExamItem], list[AnswerKey] | None]:
-    """(items to answer, val items for few-shot examples, answer keys or None when there are none)."""
+def exam_files(eval_args, default_data: str) -> tuple[Path, Path]:
+    """(the data folder or file, the file of items to answer)."""
     location = Path(eval_args.data_dir) if eval_args.data_dir else bundled_data_dir(default_data)
     if location.is_file():
-        items, val_items = load_records(location, "exam")[0], []
-    else:
-        name = "val.json" if eval_args.split == "val" else "test.json"
-        if not (location / name).is_file():
-            raise DataError([Problem(str(location / name), None, None, "not found (expected CMB-Exam items)")])
-        items = load_records(location / name, "exam")[0]
-        val_items = load_records(location / "val.json", "exam")[0] if (location / "val.json").is_file() else []
+        return location, location
+    return location, location / ("val.json" if eval_args.split == "val" else "test.json")
+
+
+def load_exam(eval_args, default_data: str) -> tuple[list[ExamItem], list[ExamItem], list[AnswerKey] | None]:
+    """(items to answer, val items for few-shot examples, answer keys or None when there are none).
+
+    Refused before anything is written: no items, an id used twice, an answer file that misses an evaluated
+    item, names an id that is not an item, or gives a letter that is not one of the item's options.
+    """
+    location, items_file = exam_files(eval_args, default_data)
+    if not items_file.is_file():
+        raise DataError([Problem(str(items_file), None, None, "not found (expected CMB-Exam items)")])
+    val_file = location / "val.json"
+    val_items = load_records(val_file, "exam")[0] if location.is_dir() and val_file.is_file() else []
+    items = load_records(items_file, "exam")[0]
+    if not items:
+        raise DataError([Problem(str(items_file), None, None, "no items to evaluate (an empty file)")])
+    raise_if_problems(repeated_ids(items, "item"))
     answers_file = eval_args.answers_file
     if answers_file is None and location.is_dir() and eval_args.split == "test":
         default = location / "test_answers.json"
@@ -105,22 +243,76 @@ def load_exam(eval_args, default_data: str) -> tuple[list[ExamItem], list[ExamIt
     keys = None
     if answers_file:
         keys = load_records(answers_file, "answers")[0]
+        raise_if_problems(answer_key_problems(keys, items, items_file))
         by_id = {i.id: i for i in items}
         for key in keys:  # the answer file may lack exam_type/class; the items have them
-            item = by_id.get(key.id)
-            if item is not None:
-                key.exam_type, key.exam_class = key.exam_type or item.exam_type, key.exam_class or item.exam_class
-        keys = [k for k in keys if k.id in by_id]
-    elif all(i.answer for i in items):
+            item = by_id[key.id]
+            key.exam_type, key.exam_class = key.exam_type or item.exam_type, key.exam_class or item.exam_class
+    elif any(i.answer for i in items):
+        unanswered = [i for i in items if not i.answer]
+        if unanswered:
+            raise DataError([source_problem(unanswered[0].source, "answer", (
+                f"{len(unanswered)} of {len(items)} items have no answer while the others have one; give every "
+                "item its answer, or none and an --answers_file"))])
         keys = [AnswerKey(i.id, i.answer, i.exam_type, i.exam_class) for i in items]
     if eval_args.shots and not val_items:
         raise ConfigError(f"--shots {eval_args.shots} needs val.json beside the test items in {location}")
     if eval_args.limit is not None:
         items = items[: eval_args.limit]
-        if keys is not None:
-            wanted = {i.id for i in items}
-            keys = [k for k in keys if k.id in wanted]
+        if not items:
+            raise ConfigError(f"--limit {eval_args.limit} leaves no items to evaluate")
+    if keys is not None:
+        wanted = {i.id for i in items}
+        keys = [k for k in keys if k.id in wanted]
+        missing = [i.id for i in items if i.id not in {k.id for k in keys}]
+        if missing:  # scoring would count them as wrong, or report accuracy over fewer items than it says
+            raise DataError([Problem(str(answers_file), None, None, (
+                f"no answer for {len(missing)} of the {len(items)} items evaluated from {items_file} (e.g. "
+                f"{', '.join(missing[:3])}); the answer file must cover every item"))])
     return items, val_items, keys
+
+
+def source_problem(source: str, field: str | None, message: str) -> Problem:
+    """A problem located at a record's `file:line` source."""
+    path, _, line = source.rpartition(":")
+    return Problem(path, int(line), field, message) if line.isdigit() else Problem(source, None, field, message)
+
+
+def one_line(problems: list[Problem], what: str) -> list[Problem]:
+    """The first problem of a kind, with how many more there are (an 11,200-line answer file gives one line)."""
+    if len(problems) <= 1:
+        return problems
+    first = problems[0]
+    return [Problem(first.path, first.line, first.field, f"{first.message} (and {len(problems) - 1} more {what})")]
+
+
+def repeated_ids(records: list, what: str) -> list[Problem]:
+    first_line: dict[str, str] = {}
+    problems = []
+    for record in records:
+        if record.id in first_line:
+            problems.append(source_problem(record.source, "id", f"{record.id!r} repeats the {what} at "
+                                                                f"{first_line[record.id]}"))
+        first_line.setdefault(record.id, record.source)
+    return one_line(problems, "repeated ids")
+
+
+def answer_key_problems(keys: list[AnswerKey], items: list[ExamItem], items_file: Path) -> list[Problem]:
+    by_id = {i.id: i for i in items}
+    unknown = [source_problem(k.source, "id", f"{k.id!r} is not an item of {items_file}") for k in keys
+               if k.id not in by_id]
+    wrong = []
+    for key in keys:
+        item = by_id.get(key.id)
+        if item is None:
+            continue
+        if not set(key.answer) <= set(item.options):
+            wrong.append(source_problem(key.source, "answer", f"{key.answer!r} is not among the options of item "
+                                                              f"{key.id!r} ({''.join(item.options)})"))
+        elif not item.multiple and len(key.answer) != 1:
+            wrong.append(source_problem(key.source, "answer", f"item {key.id!r} is a {item.question_type} (one "
+                                                              f"answer), got {key.answer!r}"))
+    return repeated_ids(keys, "answer") + one_line(unknown, "unknown ids") + one_line(wrong, "wrong answers")
 
 
 def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Path, done: dict) -> dict[str, str]:
@@ -149,15 +341,24 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
     return {i.id: done[i.id]["model_answer"] for i in items}
 
 
+def exam_settings(model_args, eval_args, default_data: str, mode: str) -> dict:
+    """Every option that can change an answer (the resume key). Not the answer file or --limit: predictions are
+    made per item without looking at the key, and scoring is redone from the current key on every run."""
+    location, items_file = exam_files(eval_args, default_data)
+    data_files = [items_file]
+    if eval_args.shots:
+        data_files.append(location / "val.json")  # the few-shot examples are part of the prompt
+    return {"data": str(location), "data_digest": content_digest(*data_files), "split": eval_args.split,
+            "mode": mode, "cot": eval_args.cot, "shots": eval_args.shots, "official": eval_args.official,
+            **model_settings(model_args, eval_args, generates=mode == "generate")}
+
+
 def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str = "CMB-Exam") -> dict | None:
     """CMB-Exam items (or the safety probe, which has the same schema) -> answers.json and results."""
     items, val_items, keys = load_exam(eval_args, default_data)
     mode = resolve_mode(eval_args)
     output_dir = Path(eval_args.output_dir)
-    settings = {"data": str(eval_args.data_dir or bundled_data_dir(default_data)), "split": eval_args.split,
-                "model": model_args.model_name_or_path, "adapter": eval_args.adapter_name_or_path,
-                "endpoint": eval_args.endpoint, "mode": mode, "cot": eval_args.cot, "shots": eval_args.shots,
-                "official": eval_args.official, "template": model_args.template}
+    settings = exam_settings(model_args, eval_args, default_data, mode)
     done = open_run(output_dir, settings)
     backend = make_backend(model_args, eval_args) if any(i.id not in done for i in items) else None
     started = time.perf_counter()
@@ -171,8 +372,9 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
     if keys is None:
         logger.info("no answer key for these items: scoring skipped (use medtune eval cmb-score later)")
         return None
+    model = getattr(backend, "name", settings.get("model") or settings["endpoint"] or "embedded tiny model")
     results = score(predictions, keys).to_dict() | {
-        "model": getattr(backend, "name", settings["model"] or "embedded tiny model"), "items": len(items),
+        "model": model, "items": len(items),
         **{k: settings[k] for k in ("mode", "cot", "shots", "official", "split")}}
     write_results(output_dir, results, title)
     logger.info("%s: overall %.2f%% (items right %.2f%%) -> %s", title, 100 * results["overall"],
