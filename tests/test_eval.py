@@ -63,8 +63,10 @@ def test_answer_extraction_on_realistic_replies(reply):
 
 
 def test_official_mode_reproduces_the_capital_letter_fallback():
-    # the official fallback collects every A-G capital, which turns "ACE抑制剂" into an answer
-    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True) == "ACE"
+    # the official fallback collects every A-G capital, which turns "ACE抑制剂" into an answer (its first letter on a
+    # single-choice item)
+    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True, multiple=True) == "ACE"
+    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True) == "A"
     assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE") == ""
 
 

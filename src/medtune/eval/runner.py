@@ -15,7 +15,17 @@ from pathlib import Path
 from medtune.data.loading import load_records
 from medtune.data.records import AnswerKey, ExamItem
 from medtune.errors import ConfigError, DataError, Problem
-from medtune.eval.cmb import extract_answer, item_messages, pick_shots, score, shown_options
+from medtune.eval.cmb import (
+    check_answer_keys,
+    extract_answer,
+    item_messages,
+    majority_vote,
+    pick_shots,
+    read_model_answers,
+    score,
+    short_of_shots,
+    shown_options,
+)
 from medtune.eval.report import write_results
 from medtune.paths import bundled_data_dir
 
@@ -36,10 +46,12 @@ def make_backend(model_args, eval_args):
 
 
 def resolve_mode(eval_args) -> str:
-    if eval_args.mode == "auto":
-        return "generate" if eval_args.endpoint else "likelihood"
+    if eval_args.mode == "auto":  # sampled replies to vote over only exist in generate mode
+        return "generate" if eval_args.endpoint or eval_args.num_samples > 1 else "likelihood"
     if eval_args.mode == "likelihood" and eval_args.endpoint:
         raise ConfigError("--mode likelihood needs a local model (logits); use --mode generate with --endpoint")
+    if eval_args.mode == "likelihood" and eval_args.num_samples > 1:
+        raise ConfigError("--num_samples votes over sampled replies; it needs --mode generate")
     return eval_args.mode
 
 
@@ -127,26 +139,46 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
     from medtune.eval.backends import Choice
 
     todo = [i for i in items if i.id not in done]
+    if eval_args.official and eval_args.shots:
+        for (exam_type, exam_class), available in short_of_shots(val_items, todo, eval_args.shots).items():
+            logger.warning("--official --shots %d: only %d val items of %s/%s; its items get %d examples",
+                           eval_args.shots, available, exam_type, exam_class, available)
     bar = progress(len(items), len(items) - len(todo), "cmb-exam")
     chunk = max(1, eval_args.batch_size) if mode == "generate" else max(1, eval_args.batch_size // 2)
     for start in range(0, len(todo), chunk):
         batch = todo[start:start + chunk]
-        conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots), eval_args.cot, eval_args.official)
-                         for i in batch]
+        conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots, eval_args.official, eval_args.seed),
+                                       eval_args.cot, eval_args.official) for i in batch]
         if mode == "likelihood":
             letters = ["".join(shown_options(i, eval_args.official)) for i in batch]
             chosen = backend.choose([Choice(m, ls, i.multiple) for m, ls, i in zip(conversations, letters, batch)])
             records = [{"id": i.id, "model_answer": answer, "scores": {k: round(v, 6) for k, v in s.items()}}
                        for i, (answer, s) in zip(batch, chosen)]
         else:
-            replies = backend.generate(conversations, eval_args.max_new_tokens)
-            records = [{"id": i.id, "model_answer": extract_answer(r, "".join(i.options), eval_args.official),
-                        "reply": r} for i, r in zip(batch, replies)]
+            records = generated_answers(batch, conversations, backend, eval_args)
         append_predictions(output_dir, records)
         done.update({r["id"]: r for r in records})
         bar.update(len(batch))
     bar.close()
     return {i.id: done[i.id]["model_answer"] for i in items}
+
+
+def generated_answers(batch: list[ExamItem], conversations: list[list[dict]], backend, eval_args) -> list[dict]:
+    """Prediction records for generate mode: one greedy reply, or `num_samples` sampled replies majority-voted
+    (every reply and its extraction are kept in predictions.jsonl)."""
+    n = eval_args.num_samples
+    replies = backend.generate(conversations, eval_args.max_new_tokens, num_samples=n,
+                               temperature=eval_args.temperature, top_p=eval_args.top_p, seed=eval_args.seed)
+    records = []
+    for index, item in enumerate(batch):
+        own = replies[index * n:(index + 1) * n]
+        answers = [extract_answer(r, "".join(item.options), eval_args.official, item.multiple) for r in own]
+        if n == 1:
+            records.append({"id": item.id, "model_answer": answers[0], "reply": own[0]})
+        else:
+            records.append({"id": item.id, "model_answer": majority_vote(answers), "replies": own,
+                            "sample_answers": answers})
+    return records
 
 
 def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str = "CMB-Exam") -> dict | None:
@@ -158,6 +190,10 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
                 "model": model_args.model_name_or_path, "adapter": eval_args.adapter_name_or_path,
                 "endpoint": eval_args.endpoint, "mode": mode, "cot": eval_args.cot, "shots": eval_args.shots,
                 "official": eval_args.official, "template": model_args.template}
+    if eval_args.num_samples > 1:  # sampling options change answers only when replies are sampled
+        settings |= {k: getattr(eval_args, k) for k in ("num_samples", "temperature", "top_p", "seed")}
+    elif eval_args.official and eval_args.shots:  # the seed of the official few-shot draw
+        settings["seed"] = eval_args.seed
     done = open_run(output_dir, settings)
     backend = make_backend(model_args, eval_args) if any(i.id not in done for i in items) else None
     started = time.perf_counter()
@@ -171,7 +207,7 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
     if keys is None:
         logger.info("no answer key for these items: scoring skipped (use medtune eval cmb-score later)")
         return None
-    results = score(predictions, keys).to_dict() | {
+    results = score(predictions, keys, exact=eval_args.official).to_dict() | {
         "model": getattr(backend, "name", settings["model"] or "embedded tiny model"), "items": len(items),
         **{k: settings[k] for k in ("mode", "cot", "shots", "official", "split")}}
     write_results(output_dir, results, title)
@@ -181,25 +217,32 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
 
 
 def run_score(eval_args) -> dict:
-    """Score any tool's answer file ([{id, model_answer}]) against an answer key."""
+    """Score any tool's answer file ([{id, model_answer}]) against an answer key.
+
+    `--official` compares exact strings as the official score.py does; the default compares letter sets and
+    reports how many answers were counted right only thanks to that normalisation.
+    """
     if not eval_args.predictions or not eval_args.truth:
         raise ConfigError("cmb-score needs --predictions ANSWERS.json and --truth TRUTH.json")
     path = Path(eval_args.predictions)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError([Problem(str(path), getattr(exc, "lineno", None), None, f"cannot read answers ({exc})")]) from None
-    if not isinstance(raw, list) or not all(isinstance(r, dict) and "id" in r for r in raw):
-        raise DataError([Problem(str(path), None, None, 'expected a JSON array of {"id", "model_answer"}')])
-    predictions = {str(r["id"]): str(r.get("model_answer") or "") for r in raw}
+    predictions = read_model_answers(path)
     keys = load_records(eval_args.truth, "answers")[0]
-    missing = [k for k in keys if not (k.exam_type and k.exam_class)]
-    if missing:
-        raise DataError([Problem(k.source, None, "exam_type", "the truth file needs exam_type and exam_class")
-                         for k in missing[:20]])
-    results = score(predictions, keys).to_dict() | {"model": str(path), "items": len(keys),
-                                                    "unanswered": sum(1 for k in keys if not predictions.get(k.id))}
+    check_answer_keys(keys, str(eval_args.truth))
+    known = {k.id for k in keys}
+    unknown = [i for i in predictions if i not in known]
+    if unknown:
+        logger.warning("%s: %d answers have ids not in the truth file (e.g. %s); they are not scored", path,
+                       len(unknown), unknown[0])
+    results = score(predictions, keys, exact=eval_args.official).to_dict() | {
+        "model": str(path), "items": len(keys), "unanswered": sum(1 for k in keys if not predictions.get(k.id)),
+        "unknown_ids": len(unknown), "official": eval_args.official}
     write_results(Path(eval_args.output_dir), results, "CMB-Exam (scored)")
+    if eval_args.official:
+        logger.info("exact-string comparison (official): %d answers with the right letters spelt differently "
+                    "(order, case, separators) were counted wrong", results["right_only_when_normalised"])
+    else:
+        logger.info("letter-set comparison: %d answers were counted right only thanks to normalisation (order, case, "
+                    "separators); --official compares exact strings", results["right_only_when_normalised"])
     logger.info("overall %.2f%% -> %s", 100 * results["overall"], Path(eval_args.output_dir) / "results.json")
     return results
 
