@@ -11,12 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from medtune.cli import main
 from medtune.config import EvalArguments
 from medtune.data.loading import load_records
 from medtune.errors import ConfigError
-from medtune.eval.cmb import extract_answer, item_messages, item_prompt, majority_vote, pick_shots, shown_options
-
-from medtune.cli import main
+from medtune.eval.cmb import (
+    extract_answer,
+    item_messages,
+    item_prompt,
+    majority_vote,
+    pick_shots,
+    shown_options,
+)
 
 from .conftest import REPO
 

@@ -86,7 +86,8 @@ def test_prompt_follows_the_official_wording_and_official_mode_drops_one_charact
 
 
 def official_reference_score(predictions: dict, truth: list[dict]) -> dict:
-    """A straight reimplementation of the official per-class / per-type averaging."""
+    """The official per-class / per-type averaging, answers compared as letter sets (the default mode; the exact
+    comparison of `--official` is checked in test_cmb_official.py)."""
     per_class = defaultdict(lambda: [0, 0])
     for row in truth:
         key = (row["exam_type"], row["exam_class"])
