@@ -6,7 +6,8 @@ import logging
 import random
 import threading
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from contextlib import contextmanager
+from http.server import HTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from medtune.eval.cmb import (
 )
 
 from .conftest import REPO
+from .test_eval import FakeOpenAI
 
 CMB = REPO / "data" / "eval" / "cmb"
 # 40 replies with the answer the official `match_choice` + `extract_ans` code returned when run verbatim
@@ -208,36 +210,32 @@ def test_sampled_replies_are_reproducible_and_independent_of_the_batch(glm4_dir)
     assert len(greedy) == 2 and greedy == backend.generate([first, second], 6)
 
 
-class SamplingServer(BaseHTTPRequestHandler):
-    """Answers by the request's seed, so the vote is known: seeds 42, 43, 44 -> B, A, B (greedy requests: C)."""
+class SamplingServer(FakeOpenAI):
+    """Answers by the request's seed, so the vote is known: seeds 42, 43, 44 -> B, A, B."""
 
     replies = {42: "所以答案是B。", 43: "答案：A", 44: "B选项正确。"}
     bodies: list[dict] = []
 
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def answer(self, body: dict) -> str:
         self.bodies.append(body)
-        content = self.replies[body["seed"]] if "seed" in body else "答案是C"
-        data = json.dumps({"choices": [{"message": {"content": content}}]}, ensure_ascii=False).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        return self.replies[body["seed"]]
 
-    def log_message(self, *args):
-        pass
+
+@contextmanager
+def serving(handler):
+    """An OpenAI-compatible fake on a free local port, for the duration of the block."""
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 def test_cmb_exam_votes_over_sampled_replies_and_keeps_them(tmp_path, capsys):
-    server = HTTPServer(("127.0.0.1", 0), SamplingServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        code, err = medtune(capsys, "eval", "cmb-exam", "--endpoint", f"http://127.0.0.1:{server.server_port}",
-                            "--num_samples", "3", "--temperature", "0.7", "--top_p", "0.9", "--limit", "4",
-                            "--output_dir", str(tmp_path))
-    finally:
-        server.shutdown()
+    with serving(SamplingServer) as url:
+        code, err = medtune(capsys, "eval", "cmb-exam", "--endpoint", url, "--num_samples", "3", "--temperature",
+                            "0.7", "--top_p", "0.9", "--limit", "4", "--output_dir", str(tmp_path))
     assert code == 0, err[-2000:]
     assert {(b["temperature"], b["top_p"]) for b in SamplingServer.bodies} == {(0.7, 0.9)}
     assert sorted(b["seed"] for b in SamplingServer.bodies) == [42] * 4 + [43] * 4 + [44] * 4
@@ -257,29 +255,16 @@ def test_num_samples_needs_generate_mode():
     assert resolve_mode(EvalArguments(num_samples=3)) == "generate"
 
 
-class FixedReply(SamplingServer):
+class FixedReply(FakeOpenAI):
     """Every reply says "ACE抑制剂是首选药物。": official extracts A (single) or ACE (multiple), default nothing."""
 
-    def do_POST(self):  # noqa: N802
-        self.replies = {None: "ACE抑制剂是首选药物。"}
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        data = json.dumps({"choices": [{"message": {"content": self.replies[None]}}]}, ensure_ascii=False).encode()
-        assert body["temperature"] == 0
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    reply = "ACE抑制剂是首选药物。"
 
 
 def test_cmb_exam_official_extracts_and_scores_as_the_official_scripts(tmp_path, capsys):
-    server = HTTPServer(("127.0.0.1", 0), FixedReply)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        runs = {flag: medtune(capsys, "eval", "cmb-exam", "--endpoint", f"http://127.0.0.1:{server.server_port}",
-                              "--limit", "60", "--output_dir", str(tmp_path / flag), "--official", flag)
-                for flag in ("true", "false")}
-    finally:
-        server.shutdown()
+    with serving(FixedReply) as url:
+        runs = {flag: medtune(capsys, "eval", "cmb-exam", "--endpoint", url, "--limit", "60", "--output_dir",
+                              str(tmp_path / flag), "--official", flag) for flag in ("true", "false")}
     assert all(code == 0 for code, _ in runs.values()), runs["true"][1][-2000:]
     items = load_records(CMB / "test.json", "exam")[0][:60]
     truth = {r["id"]: r["answer"] for r in json.loads((CMB / "test_answers.json").read_text("utf-8"))}

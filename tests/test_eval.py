@@ -212,10 +212,13 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
     reply = "逐项分析后，所以答案是C。"
 
+    def answer(self, body: dict) -> str:
+        assert body["messages"][-1]["role"] == "user" and body["temperature"] == 0
+        return self.reply
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert body["messages"][-1]["role"] == "user" and body["temperature"] == 0
-        payload = {"choices": [{"message": {"role": "assistant", "content": self.reply}}]}
+        payload = {"choices": [{"message": {"role": "assistant", "content": self.answer(body)}}]}
         data = json.dumps(payload, ensure_ascii=False).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
