@@ -108,6 +108,7 @@ def test_default_and_official_extraction_differ_as_documented(reply, options, mu
     ("答案是：\n\nC. 阿莫西林", "ABCDE", "C"),
     ("B选项正确。", "ABCDE", "B"),
     ("选项D正确，其余均错误", "ABCDE", "D"),
+    ("逐项分析后，所以B选项是正确的", "ABCDE", "B"),
     ("A项错误；C项正确；E项错误", "ABCDE", "C"),
     ("A选项正确，C选项正确，B选项不正确", "ABCDE", "AC"),
     ("答案是ABCDE都对", "ABCDE", "ABCDE"),
@@ -117,6 +118,7 @@ def test_default_and_official_extraction_differ_as_documented(reply, options, mu
     ("答案：\nG", "ABCDEFG", "G"),
     ("答案是F", "ABCDE", ""),  # not an option of this item
     ("B选项不正确，A项对应的是另一种疾病。", "ABCDE", ""),  # neither a verdict of "right" nor an answer
+    ("补充维生素C正确的做法是饭后服用", "ABCDE", ""),  # a letter not named as an option
     ("答案是A，B选项是干扰项。", "ABCDE", "A"),
     ("ACE抑制剂是首选药物。", "ABCDE", ""),
     ("不选A，选D", "ABCDE", "D"),

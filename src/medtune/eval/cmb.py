@@ -125,9 +125,10 @@ _CONNECT = r"(?:\s*(?:应该是|应该为|应当是|应是|应为|是|为|：|:|
 # Strong cues state the answer; a bare 选 / 选择 also appears in "不选A", so it counts only when nothing stronger does.
 _STRONG_CUE = re.compile(rf"(?:正确答案|正确选项|参考答案|最佳答案|答案|故选|应选|(?i:answer is|answer:|answer)){_CONNECT}"
                          rf"({_letters(_END)}){_CUE_END}")
-# "B选项正确。", "选项B正确", "A、C项正确" -- a verdict on options, not "B选项不正确" or "A项对应…".
-_STATED_RIGHT = re.compile(rf"(?<![A-Za-z])(?:选项)?({_letters('(?=选项|项|是|为|正确|对)')})(?:选项|项)?(?:是|为)?"
-                           r"(?:正确(?!与否)|对(?=的|$|[\s。．.,，、;；!！]))")
+# "B选项正确。", "选项B正确", "A、C项正确" -- a verdict on options, not "B选项不正确", "A项对应…" or "维生素C正确…"
+# (the word 选项 / 项 must name the letters as options).
+_STATED_RIGHT = re.compile(rf"(?<![A-Za-z])(?:选项({_letters('(?=是|为|正确|对)')})|({_letters('(?=选项|项)')})(?:选项|项))"
+                           r"(?:是|为)?(?:正确(?!与否)|对(?=的|$|[\s。．.,，、;；!！]))")
 _WEAK_CUE = re.compile(rf"(?<!不)(?:选择|选){_CONNECT}({_letters(_END)}){_END}")
 # A reply that starts with its letters: "A", "A、C", "BD", "C。", "(B)", "B. 多西环素"
 _LEADING = re.compile(rf"^\s*({_letters(_END)}){_END}")
@@ -150,7 +151,8 @@ def extract_answer(reply: str, options: str = OPTION_LETTERS, official: bool = F
         return official_extraction(reply, multiple)
     reply = reply.translate(_FULL_WIDTH_LETTERS)
     # chain-of-thought replies state their answer last, so the last cue wins
-    found = next((cues[-1] for cues in (_STRONG_CUE.findall(reply), ["".join(_STATED_RIGHT.findall(reply))],
+    stated_right = "".join(letters for match in _STATED_RIGHT.findall(reply) for letters in match)
+    found = next((cues[-1] for cues in (_STRONG_CUE.findall(reply), [stated_right],
                                          _WEAK_CUE.findall(reply)) if cues and cues[-1]), None)
     if found is None:
         leading = _LEADING.match(reply)
