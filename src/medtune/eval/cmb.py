@@ -170,6 +170,21 @@ def majority_vote(answers: list[str]) -> str:
     return max(counts, key=counts.__getitem__) if counts else ""
 
 
+def answer_records(items: list[ExamItem], replies: list[str], num_samples: int, official: bool) -> list[dict]:
+    """predictions.jsonl records for generated replies (`num_samples` consecutive replies per item): the extracted
+    answer and the reply, or every sampled reply, its extraction and the majority vote."""
+    records = []
+    for index, item in enumerate(items):
+        own = replies[index * num_samples:(index + 1) * num_samples]
+        answers = [extract_answer(r, "".join(item.options), official, item.multiple) for r in own]
+        if num_samples == 1:
+            records.append({"id": item.id, "model_answer": answers[0], "reply": own[0]})
+        else:
+            records.append({"id": item.id, "model_answer": majority_vote(answers), "replies": own,
+                            "sample_answers": answers})
+    return records
+
+
 # -- scoring -----------------------------------------------------------------------------------------------------
 
 @dataclass

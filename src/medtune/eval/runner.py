@@ -16,10 +16,9 @@ from medtune.data.loading import load_records
 from medtune.data.records import AnswerKey, ExamItem
 from medtune.errors import ConfigError, DataError, Problem
 from medtune.eval.cmb import (
+    answer_records,
     check_answer_keys,
-    extract_answer,
     item_messages,
-    majority_vote,
     pick_shots,
     read_model_answers,
     score,
@@ -155,30 +154,14 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
             records = [{"id": i.id, "model_answer": answer, "scores": {k: round(v, 6) for k, v in s.items()}}
                        for i, (answer, s) in zip(batch, chosen)]
         else:
-            records = generated_answers(batch, conversations, backend, eval_args)
+            replies = backend.generate(conversations, eval_args.max_new_tokens, num_samples=eval_args.num_samples,
+                                       temperature=eval_args.temperature, top_p=eval_args.top_p, seed=eval_args.seed)
+            records = answer_records(batch, replies, eval_args.num_samples, eval_args.official)
         append_predictions(output_dir, records)
         done.update({r["id"]: r for r in records})
         bar.update(len(batch))
     bar.close()
     return {i.id: done[i.id]["model_answer"] for i in items}
-
-
-def generated_answers(batch: list[ExamItem], conversations: list[list[dict]], backend, eval_args) -> list[dict]:
-    """Prediction records for generate mode: one greedy reply, or `num_samples` sampled replies majority-voted
-    (every reply and its extraction are kept in predictions.jsonl)."""
-    n = eval_args.num_samples
-    replies = backend.generate(conversations, eval_args.max_new_tokens, num_samples=n,
-                               temperature=eval_args.temperature, top_p=eval_args.top_p, seed=eval_args.seed)
-    records = []
-    for index, item in enumerate(batch):
-        own = replies[index * n:(index + 1) * n]
-        answers = [extract_answer(r, "".join(item.options), eval_args.official, item.multiple) for r in own]
-        if n == 1:
-            records.append({"id": item.id, "model_answer": answers[0], "reply": own[0]})
-        else:
-            records.append({"id": item.id, "model_answer": majority_vote(answers), "replies": own,
-                            "sample_answers": answers})
-    return records
 
 
 def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str = "CMB-Exam") -> dict | None:
@@ -190,10 +173,6 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
                 "model": model_args.model_name_or_path, "adapter": eval_args.adapter_name_or_path,
                 "endpoint": eval_args.endpoint, "mode": mode, "cot": eval_args.cot, "shots": eval_args.shots,
                 "official": eval_args.official, "template": model_args.template}
-    if eval_args.num_samples > 1:  # sampling options change answers only when replies are sampled
-        settings |= {k: getattr(eval_args, k) for k in ("num_samples", "temperature", "top_p", "seed")}
-    elif eval_args.official and eval_args.shots:  # the seed of the official few-shot draw
-        settings["seed"] = eval_args.seed
     done = open_run(output_dir, settings)
     backend = make_backend(model_args, eval_args) if any(i.id not in done for i in items) else None
     started = time.perf_counter()
