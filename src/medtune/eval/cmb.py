@@ -132,8 +132,8 @@ _STATED_RIGHT = re.compile(rf"(?<![A-Za-z])(?:选项({_letters('(?=是|为|正�
 _WEAK_CUE = re.compile(rf"(?<!不)(?:选择|选){_CONNECT}({_letters(_END)}){_END}")
 # A reply that starts with its letters: "A", "A、C", "BD", "C。", "(B)", "B. 多西环素"
 _LEADING = re.compile(rf"^\s*({_letters(_END)}){_END}")
-# The official `match_choice` pattern: searched once, `.` matching newlines, lazy up to the first 。 or . or the end.
 _FULL_WIDTH_LETTERS = str.maketrans("ＡＢＣＤＥＦＧ", OPTION_LETTERS)  # "答案：Ｂ" from a model writing full-width
+# The official `match_choice` pattern: searched once, `.` matching newlines, lazy up to the first 。 or . or the end.
 _OFFICIAL_CUE = re.compile(r"(答案|正确选项)(?:是|：|为|应该是|应该为)(.*?)(。|\.|$)", re.S)
 
 
@@ -150,7 +150,7 @@ def extract_answer(reply: str, options: str = OPTION_LETTERS, official: bool = F
     if official:
         return official_extraction(reply, multiple)
     reply = reply.translate(_FULL_WIDTH_LETTERS)
-    # chain-of-thought replies state their answer last, so the last cue wins
+    # chain-of-thought replies state their answer last, so the last cue wins; verdicts on options add up
     stated_right = "".join(letters for match in _STATED_RIGHT.findall(reply) for letters in match)
     found = next((cues[-1] for cues in (_STRONG_CUE.findall(reply), [stated_right],
                                          _WEAK_CUE.findall(reply)) if cues and cues[-1]), None)
