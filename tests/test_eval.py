@@ -63,8 +63,10 @@ def test_answer_extraction_on_realistic_replies(reply):
 
 
 def test_official_mode_reproduces_the_capital_letter_fallback():
-    # the official fallback collects every A-G capital, which turns "ACE抑制剂" into an answer
-    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True) == "ACE"
+    # the official fallback collects every A-G capital, which turns "ACE抑制剂" into an answer (its first letter on a
+    # single-choice item)
+    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True, multiple=True) == "ACE"
+    assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE", official=True) == "A"
     assert extract_answer("ACE抑制剂可引起干咳。", "ABCDE") == ""
 
 
@@ -84,7 +86,8 @@ def test_prompt_follows_the_official_wording_and_official_mode_drops_one_charact
 
 
 def official_reference_score(predictions: dict, truth: list[dict]) -> dict:
-    """A straight reimplementation of the official per-class / per-type averaging."""
+    """The official per-class / per-type averaging, answers compared as letter sets (the default mode; the exact
+    comparison of `--official` is checked in test_cmb_official.py)."""
     per_class = defaultdict(lambda: [0, 0])
     for row in truth:
         key = (row["exam_type"], row["exam_class"])
@@ -210,10 +213,13 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
     reply = "逐项分析后，所以答案是C。"
 
+    def answer(self, body: dict) -> str:
+        assert body["messages"][-1]["role"] == "user" and body["temperature"] == 0
+        return self.reply
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert body["messages"][-1]["role"] == "user" and body["temperature"] == 0
-        payload = {"choices": [{"message": {"role": "assistant", "content": self.reply}}]}
+        payload = {"choices": [{"message": {"role": "assistant", "content": self.answer(body)}}]}
         data = json.dumps(payload, ensure_ascii=False).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -318,8 +318,9 @@ class EvalArguments:
     cot: bool = field(default=False, metadata={"help": "Chain-of-thought prompt (official CoT wording)."})
     shots: int = field(default=0, metadata={"help": "Few-shot examples from the val split (with explanations)."})
     official: bool = field(
-        default=False, metadata={"help": "Reproduce the official scripts' quirks (drop one-character options; "
-                                         "collect every A-G letter when the answer pattern misses)."},
+        default=False, metadata={"help": "Reproduce the official CMB scripts exactly: options in file order with "
+                                         "one-character ones dropped, random same-class few-shot examples, the "
+                                         "official answer extraction, exact-string scoring (cmb-score too)."},
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass / generate call."})
     max_new_tokens: int = field(default=512, metadata={"help": "Generation length (official CMB setting: 512)."})
@@ -333,12 +334,25 @@ class EvalArguments:
     )
     judge_model: str = field(default="default", metadata={"help": "cmb-clin: the judge's model name."})
     block_size: int = field(default=512, metadata={"help": "ppl: tokens per evaluation block."})
+    num_samples: int = field(
+        default=1, metadata={"help": "generate: sample N replies per item and keep the majority answer (the most "
+                                     "frequent non-empty extraction, first seen wins a tie; the official "
+                                     "self-consistency setting). 1 = one greedy reply."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature when --num_samples > 1."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold when --num_samples > 1."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the --official few-shot draw (per item) and of sampled replies, so a "
+                                      "run is reproducible."},
+    )
 
     def __post_init__(self):
         _check_choice("mode", self.mode, EVAL_MODES)
         _check_choice("split", self.split, ("test", "val"))
         if self.shots < 0 or self.batch_size < 1:
             raise ConfigError("shots must be >= 0 and batch_size >= 1")
+        if self.num_samples < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("num_samples must be >= 1, temperature > 0 and top_p in (0, 1]")
 
 
 @dataclass

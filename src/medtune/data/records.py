@@ -76,6 +76,7 @@ class AnswerKey:
     exam_type: str = ""
     exam_class: str = ""
     source: str = ""
+    as_written: str = ""  # the answer exactly as the file spells it (official scoring compares strings)
 
 
 SINGLE_CHOICE, MULTIPLE_CHOICE = "单项选择题", "多项选择题"
@@ -284,7 +285,7 @@ def to_exam_item(record: dict) -> ExamItem:
         raise RecordProblem("answer", f"a {SINGLE_CHOICE} has exactly one answer, got {answer!r}")
     return ExamItem(
         id=_identifier(record), exam_type=_text(record, "exam_type"), exam_class=_text(record, "exam_class"),
-        question_type=question_type, question=_text(record, "question"), options=dict(sorted(options.items())),
+        question_type=question_type, question=_text(record, "question"), options=dict(options),  # file order
         answer=answer, exam_subject=_text(record, "exam_subject", required=False, allow_empty=True),
         explanation=_text(record, "explanation", required=False, allow_empty=True),
     )
@@ -310,7 +311,7 @@ def to_clin_case(record: dict) -> ClinCase:
 def to_answer_key(record: dict) -> AnswerKey:
     return AnswerKey(_identifier(record), _answer(record, "answer", None),
                      _text(record, "exam_type", required=False, allow_empty=True),
-                     _text(record, "exam_class", required=False, allow_empty=True))
+                     _text(record, "exam_class", required=False, allow_empty=True), as_written=record["answer"])
 
 
 def convert(record: Any, fmt: str):

@@ -150,10 +150,19 @@ class LocalBackend:
     # -- generation ---------------------------------------------------------------------------------------------
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 512,
-                 min_new_tokens: int = 0) -> list[str]:
-        """Greedy replies, generated in left-padded batches (`min_new_tokens` only for benchmarks)."""
+                 min_new_tokens: int = 0, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 42) -> list[str]:
+        """Replies in conversation order: greedy, in left-padded batches (`min_new_tokens` only for benchmarks); or,
+        with `num_samples` N > 1, N sampled replies per conversation (conversation-major, as `num_return_sequences`).
+
+        Sampling runs one conversation at a time (its N samples are the batch) under a seed made of `seed` and the
+        prompt, so an item's samples do not depend on which items share its batch or on a resumed run's order.
+        """
         import torch
 
+        if num_samples > 1:
+            return [reply for messages in conversations
+                    for reply in self._sample(messages, max_new_tokens, num_samples, temperature, top_p, seed)]
         replies = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(conversations), self.batch_size):
@@ -167,6 +176,23 @@ class LocalBackend:
                                              eos_token_id=self.template.stop_token_ids, pad_token_id=pad)
             replies += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
         return replies
+
+    def _sample(self, messages: list[dict[str, str]], max_new_tokens: int, num_samples: int, temperature: float,
+                top_p: float, seed: int) -> list[str]:
+        import zlib
+
+        import torch
+
+        prompt = self.template.prompt_ids(messages)
+        torch.manual_seed(zlib.crc32(f"{seed}:{prompt}".encode()))
+        input_ids = torch.tensor([prompt], device=self.device)
+        with torch.no_grad():
+            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                         do_sample=True, temperature=temperature, top_p=top_p,
+                                         num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+                                         eos_token_id=self.template.stop_token_ids,
+                                         pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(row[len(prompt):], skip_special_tokens=True).strip() for row in output]
 
 
 class EndpointBackend:
@@ -188,9 +214,10 @@ class EndpointBackend:
     def choose(self, choices):
         raise ConfigError("--mode likelihood needs a local model (logits); use --mode generate with --endpoint")
 
-    def _one(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    def _one(self, messages: list[dict[str, str]], max_new_tokens: int, sampling: dict | None = None) -> str:
+        """One reply: greedy (temperature 0), or sampled with `sampling` = {temperature, top_p, seed}."""
         body = json.dumps({"model": self.model_name, "messages": messages, "max_tokens": max_new_tokens,
-                           "temperature": 0}).encode()
+                           **(sampling or {"temperature": 0})}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -212,6 +239,14 @@ class EndpointBackend:
         except (KeyError, IndexError, TypeError):
             raise MedtuneError(f"{self.url}: unexpected response {str(payload)[:200]}") from None
 
-    def generate(self, conversations, max_new_tokens: int = 512) -> list[str]:
+    def generate(self, conversations, max_new_tokens: int = 512, num_samples: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 42) -> list[str]:
+        """Replies in conversation order; with `num_samples` N > 1, N sampled replies per conversation
+        (conversation-major), each its own request with seed `seed + k` (honoured by vLLM and OpenAI)."""
+        if num_samples == 1:
+            requests = [(m, None) for m in conversations]
+        else:
+            requests = [(m, {"temperature": temperature, "top_p": top_p, "seed": seed + k})
+                        for m in conversations for k in range(num_samples)]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda m: self._one(m, max_new_tokens), conversations))
+            return list(pool.map(lambda request: self._one(request[0], max_new_tokens, request[1]), requests))

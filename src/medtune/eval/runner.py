@@ -18,7 +18,16 @@ from medtune.data.loading import load_records
 from medtune.data.readers import raise_if_problems
 from medtune.data.records import AnswerKey, ExamItem
 from medtune.errors import ConfigError, DataError, Problem
-from medtune.eval.cmb import extract_answer, item_messages, pick_shots, score, shown_options
+from medtune.eval.cmb import (
+    answer_records,
+    check_answer_keys,
+    item_messages,
+    pick_shots,
+    read_model_answers,
+    score,
+    short_of_shots,
+    shown_options,
+)
 from medtune.eval.report import write_results
 from medtune.paths import bundled_data_dir
 
@@ -39,10 +48,12 @@ def make_backend(model_args, eval_args):
 
 
 def resolve_mode(eval_args) -> str:
-    if eval_args.mode == "auto":
-        return "generate" if eval_args.endpoint else "likelihood"
+    if eval_args.mode == "auto":  # sampled replies to vote over only exist in generate mode
+        return "generate" if eval_args.endpoint or eval_args.num_samples > 1 else "likelihood"
     if eval_args.mode == "likelihood" and eval_args.endpoint:
         raise ConfigError("--mode likelihood needs a local model (logits); use --mode generate with --endpoint")
+    if eval_args.mode == "likelihood" and eval_args.num_samples > 1:
+        raise ConfigError("--num_samples votes over sampled replies; it needs --mode generate")
     return eval_args.mode
 
 
@@ -319,21 +330,25 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
     from medtune.eval.backends import Choice
 
     todo = [i for i in items if i.id not in done]
+    if eval_args.official and eval_args.shots:
+        for (exam_type, exam_class), available in short_of_shots(val_items, todo, eval_args.shots).items():
+            logger.warning("--official --shots %d: only %d val items of %s/%s; its items get %d examples",
+                           eval_args.shots, available, exam_type, exam_class, available)
     bar = progress(len(items), len(items) - len(todo), "cmb-exam")
     chunk = max(1, eval_args.batch_size) if mode == "generate" else max(1, eval_args.batch_size // 2)
     for start in range(0, len(todo), chunk):
         batch = todo[start:start + chunk]
-        conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots), eval_args.cot, eval_args.official)
-                         for i in batch]
+        conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots, eval_args.official, eval_args.seed),
+                                       eval_args.cot, eval_args.official) for i in batch]
         if mode == "likelihood":
             letters = ["".join(shown_options(i, eval_args.official)) for i in batch]
             chosen = backend.choose([Choice(m, ls, i.multiple) for m, ls, i in zip(conversations, letters, batch)])
             records = [{"id": i.id, "model_answer": answer, "scores": {k: round(v, 6) for k, v in s.items()}}
                        for i, (answer, s) in zip(batch, chosen)]
         else:
-            replies = backend.generate(conversations, eval_args.max_new_tokens)
-            records = [{"id": i.id, "model_answer": extract_answer(r, "".join(i.options), eval_args.official),
-                        "reply": r} for i, r in zip(batch, replies)]
+            replies = backend.generate(conversations, eval_args.max_new_tokens, num_samples=eval_args.num_samples,
+                                       temperature=eval_args.temperature, top_p=eval_args.top_p, seed=eval_args.seed)
+            records = answer_records(batch, replies, eval_args.num_samples, eval_args.official)
         append_predictions(output_dir, records)
         done.update({r["id"]: r for r in records})
         bar.update(len(batch))
@@ -350,6 +365,8 @@ def exam_settings(model_args, eval_args, default_data: str, mode: str) -> dict:
         data_files.append(location / "val.json")  # the few-shot examples are part of the prompt
     return {"data": str(location), "data_digest": content_digest(*data_files), "split": eval_args.split,
             "mode": mode, "cot": eval_args.cot, "shots": eval_args.shots, "official": eval_args.official,
+            # official few-shot examples are a seeded random draw, so the seed changes the prompt
+            "shot_seed": eval_args.seed if eval_args.official and eval_args.shots else None,
             **model_settings(model_args, eval_args, generates=mode == "generate")}
 
 
@@ -373,7 +390,7 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
         logger.info("no answer key for these items: scoring skipped (use medtune eval cmb-score later)")
         return None
     model = getattr(backend, "name", settings.get("model") or settings["endpoint"] or "embedded tiny model")
-    results = score(predictions, keys).to_dict() | {
+    results = score(predictions, keys, exact=eval_args.official).to_dict() | {
         "model": model, "items": len(items),
         **{k: settings[k] for k in ("mode", "cot", "shots", "official", "split")}}
     write_results(output_dir, results, title)
@@ -383,25 +400,32 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
 
 
 def run_score(eval_args) -> dict:
-    """Score any tool's answer file ([{id, model_answer}]) against an answer key."""
+    """Score any tool's answer file ([{id, model_answer}]) against an answer key.
+
+    `--official` compares exact strings as the official score.py does; the default compares letter sets and
+    reports how many answers were counted right only thanks to that normalisation.
+    """
     if not eval_args.predictions or not eval_args.truth:
         raise ConfigError("cmb-score needs --predictions ANSWERS.json and --truth TRUTH.json")
     path = Path(eval_args.predictions)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError([Problem(str(path), getattr(exc, "lineno", None), None, f"cannot read answers ({exc})")]) from None
-    if not isinstance(raw, list) or not all(isinstance(r, dict) and "id" in r for r in raw):
-        raise DataError([Problem(str(path), None, None, 'expected a JSON array of {"id", "model_answer"}')])
-    predictions = {str(r["id"]): str(r.get("model_answer") or "") for r in raw}
+    predictions = read_model_answers(path)
     keys = load_records(eval_args.truth, "answers")[0]
-    missing = [k for k in keys if not (k.exam_type and k.exam_class)]
-    if missing:
-        raise DataError([Problem(k.source, None, "exam_type", "the truth file needs exam_type and exam_class")
-                         for k in missing[:20]])
-    results = score(predictions, keys).to_dict() | {"model": str(path), "items": len(keys),
-                                                    "unanswered": sum(1 for k in keys if not predictions.get(k.id))}
+    check_answer_keys(keys, str(eval_args.truth))
+    known = {k.id for k in keys}
+    unknown = [i for i in predictions if i not in known]
+    if unknown:
+        logger.warning("%s: %d answers have ids not in the truth file (e.g. %s); they are not scored", path,
+                       len(unknown), unknown[0])
+    results = score(predictions, keys, exact=eval_args.official).to_dict() | {
+        "model": str(path), "items": len(keys), "unanswered": sum(1 for k in keys if not predictions.get(k.id)),
+        "unknown_ids": len(unknown), "official": eval_args.official}
     write_results(Path(eval_args.output_dir), results, "CMB-Exam (scored)")
+    if eval_args.official:
+        logger.info("exact-string comparison (official): %d answers with the right letters spelt differently "
+                    "(order, case, separators) were counted wrong", results["right_only_when_normalised"])
+    else:
+        logger.info("letter-set comparison: %d answers were counted right only thanks to normalisation (order, case, "
+                    "separators); --official compares exact strings", results["right_only_when_normalised"])
     logger.info("overall %.2f%% -> %s", 100 * results["overall"], Path(eval_args.output_dir) / "results.json")
     return results
 
