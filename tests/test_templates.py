@@ -27,10 +27,10 @@ EXPECTED = {
         ("请及时就医。<|endoftext|>", True),  # nothing follows the last reply: EOS is appended and learned
     ]),
     "chatglm3": ("glm4", [
-        ("[gMASK]sop<|system|>\n 你是医生助手。<|user|>\n 头痛怎么办？<|assistant|>\n ", False),
-        ("先休息。<|user|>", True),
-        ("\n 还是疼呢？<|assistant|>\n ", False),
-        ("请及时就医。<|endoftext|>", True),
+        ("[gMASK]sop<|system|>\n 你是医生助手。<|user|>\n 头痛怎么办？<|assistant|>", False),
+        ("\n 先休息。<|user|>", True),  # as in ChatGLM3, the model writes the newline after its role tag
+        ("\n 还是疼呢？<|assistant|>", False),
+        ("\n 请及时就医。<|endoftext|>", True),
     ]),
     "qwen": ("qwen2", [
         ("<|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n头痛怎么办？<|im_end|>\n"
@@ -49,10 +49,10 @@ EXPECTED = {
         ("请及时就医。<|eot_id|>", True),
     ]),
     "vicuna": ("glm4", [
-        ("你是医生助手。 USER: 头痛怎么办？ ASSISTANT: ", False),
-        ("先休息。<|endoftext|>", True),
-        ("USER: 还是疼呢？ ASSISTANT: ", False),
-        ("请及时就医。<|endoftext|>", True),
+        ("你是医生助手。 USER: 头痛怎么办？ ASSISTANT:", False),
+        (" 先休息。<|endoftext|>", True),  # as in FastChat, the reply starts with the space
+        ("USER: 还是疼呢？ ASSISTANT:", False),
+        (" 请及时就医。<|endoftext|>", True),
     ]),
     "alpaca": ("glm4", [
         ("你是医生助手。\n\n### Instruction:\n头痛怎么办？\n\n### Response:\n", False),
