@@ -190,3 +190,12 @@ def test_encoded_conversations_are_cached_once(tiny_model, conversations, tmp_pa
     assert first["input_ids"] == second["input_ids"] and first_stats == second_stats
     build_sft_split(conversations[:19], template, data_args)  # other data, other entry
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_template_whose_special_tokens_the_tokenizer_lacks_stops_sft_before_writing(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_medtune("sft", *TINY, "--model_name_or_path", str(tiny_model("glm4")), "--output_dir", str(out),
+                         "--template", "qwen")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "lacks the template's special tokens <|im_start|>, <|im_end|>" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -1,6 +1,8 @@
 """One chat template for training and inference: exact assistant-only masks for every template, and the prompt
 used in training is exactly what inference feeds the model."""
 
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -66,7 +68,11 @@ OWN_TEMPLATE_EQUIVALENT = {"glm4": "glm4", "qwen2": "qwen", "llama": "llama3"}
 
 def template_for(tiny_model, family: str, name: str | None) -> ChatTemplate:
     folder = tiny_model(family)
-    return load_chat_template(str(folder), AutoTokenizer.from_pretrained(folder), name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if name == "chatglm3":  # ChatGLM3's "sop"/"eop" are special tokens; GLM-4's are "<sop>"/"<eop>"
+        tokenizer.add_special_tokens({"additional_special_tokens": ["sop", "eop"]},
+                                     replace_extra_special_tokens=False)
+    return load_chat_template(str(folder), tokenizer, name)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -126,3 +132,15 @@ def test_tokenizer_without_template_asks_for_one(tiny_model):
     tokenizer.chat_template = None
     with pytest.raises(TemplateError, match="--template"):
         ChatTemplate.for_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize("name, family, missing", [
+    ("qwen", "glm4", "<|im_start|>, <|im_end|>"),
+    ("llama3", "qwen2", "<|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>"),
+    ("glm4", "llama", "[gMASK], <sop>, <|system|>, <|user|>, <|assistant|>"),
+    ("chatglm3", "glm4", "sop"),
+])
+def test_template_whose_special_tokens_the_tokenizer_lacks_is_refused(tiny_model, name, family, missing):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model(family))
+    with pytest.raises(TemplateError, match=f"lacks the template's special tokens {re.escape(missing)};"):
+        ChatTemplate.for_tokenizer(tokenizer, name)

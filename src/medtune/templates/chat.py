@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medtune.errors import ConfigError
-from medtune.templates.registry import get_template
+from medtune.templates.registry import ChatFormat, get_template
 
 IGNORE_INDEX = -100
 
@@ -40,6 +40,23 @@ class EncodedConversation:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+def missing_special_tokens(tokenizer, chat_format: ChatFormat) -> list[str]:
+    """The family's special tokens that the template writes but the tokenizer does not encode as one token of
+    their own (e.g. Qwen's <|im_start|> for a GLM-4 tokenizer)."""
+    probe = [{"role": "system", "content": "甲"}, {"role": "user", "content": "乙"},
+             {"role": "assistant", "content": "丙"}, {"role": "user", "content": "丁"}]
+    text = tokenizer.apply_chat_template(probe, chat_template=chat_format.jinja, tokenize=False,
+                                         add_generation_prompt=True)
+    missing = []
+    for token in sorted(chat_format.special_tokens, key=len, reverse=True):  # "<sop>" before "sop"
+        if token not in text:
+            continue
+        text = text.replace(token, "\0")
+        if tokenizer(token, add_special_tokens=False)["input_ids"] != [tokenizer.convert_tokens_to_ids(token)]:
+            missing.append(token)
+    return sorted(missing, key=chat_format.special_tokens.index)
+
+
 class ChatTemplate:
     """A tokenizer plus the Jinja chat template that renders conversations for it."""
 
@@ -55,6 +72,12 @@ class ChatTemplate:
         stops = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(i) for i in (stop_token_ids or [])]
         if name:
             chat_format = get_template(name)
+            missing = missing_special_tokens(tokenizer, chat_format)
+            if missing:
+                raise TemplateError(
+                    f"--template {name}: this tokenizer lacks the template's special tokens {', '.join(missing)}; "
+                    "they would be trained on as ordinary text pieces. Use the template of the model's family, or "
+                    "omit --template to use the tokenizer's own chat template")
             named_stops = [t for t in chat_format.stop_tokens if t in tokenizer.get_vocab()]
             return cls(tokenizer, chat_format.jinja, name, named_stops + stops)
         jinja = tokenizer.chat_template
