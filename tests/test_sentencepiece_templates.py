@@ -12,6 +12,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from medtune.data.loading import load_records
+from medtune.data.records import Conversation
+from medtune.data.sft import encode_conversations
 from medtune.models.tiny import corpus_texts
 from medtune.templates import TEMPLATES
 from medtune.templates.chat import IGNORE_INDEX, ChatTemplate, TemplateError
@@ -80,9 +82,11 @@ def test_training_ids_before_each_reply_are_the_inference_prompt_ids(tokenizer, 
         assert prompt_ids + reply_ids == through_reply
 
 
-def test_a_generation_prompt_ending_inside_a_token_is_refused():
+def test_a_generation_prompt_ending_inside_a_token_is_refused_naming_the_record():
     tokenizer = sentencepiece_tokenizer("first")
     trailing_space = TEMPLATES["vicuna"].jinja.replace("ASSISTANT:{% endif %}", "ASSISTANT: {% endif %}")
     template = ChatTemplate(tokenizer, trailing_space, "vicuna-with-space", [tokenizer.eos_token])
-    with pytest.raises(TemplateError, match="ends inside the token ' Rest'"):
-        template.encode(CONVERSATIONS[0])
+    record = Conversation(CONVERSATIONS[0], source="chats.jsonl:7")
+    with pytest.raises(TemplateError, match="^chats.jsonl:7: template 'vicuna-with-space': its generation prompt "
+                                            "ends inside the token ' Rest'"):
+        encode_conversations([record], template, max_length=512)
