@@ -45,8 +45,10 @@ def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversatio
     model.config.use_cache = False
     model.eval()
     with torch.no_grad():
-        packed = PackedCollator(tokenizer.pad_token_id)(pack_examples(examples, capacity=4096))
-        assert packed["input_ids"].shape[0] == 1  # all six conversations share one row
+        rows = pack_examples(examples, capacity=700)
+        assert len(rows) >= 2 and any(r["position_ids"].count(0) >= 2 for r in rows)  # several rows, shared rows
+        packed = PackedCollator(tokenizer.pad_token_id)(rows)
+        assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))  # flattened, no padding
         packed_loss = model(**packed).loss.item()
         total, count = 0.0, 0
         for example in examples:
@@ -55,9 +57,11 @@ def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversatio
             total += model(**single).loss.item() * n
             count += n
     assert packed_loss == pytest.approx(total / count, abs=1e-4)
+    # the Trainer normalises the loss by the targets it counts (labels[..., 1:]): exactly the supervised tokens
+    assert int((packed["labels"][..., 1:] != -100).sum()) == count
 
 
-def test_packing_reaches_095_real_tokens_on_bundled_data(tiny_model, conversations):
+def test_packed_batches_compute_no_padding_on_bundled_data(tiny_model, conversations):
     folder = tiny_model("glm4")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template = load_chat_template(str(folder), tokenizer)
@@ -66,7 +70,7 @@ def test_packing_reaches_095_real_tokens_on_bundled_data(tiny_model, conversatio
     assert sum(len(r["input_ids"]) for r in rows) == stats.tokens  # nothing lost or duplicated
     batches = [PackedCollator(tokenizer.pad_token_id)(rows[i:i + 4]) for i in range(0, len(rows), 4)]
     computed = sum(b["input_ids"].numel() for b in batches)
-    assert stats.tokens / computed >= 0.95
+    assert stats.tokens / computed == 1.0  # flattened batches compute no padding at all
 
 
 @pytest.mark.parametrize("arch", ["glm4", "qwen2"])
@@ -186,3 +190,12 @@ def test_encoded_conversations_are_cached_once(tiny_model, conversations, tmp_pa
     assert first["input_ids"] == second["input_ids"] and first_stats == second_stats
     build_sft_split(conversations[:19], template, data_args)  # other data, other entry
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_template_whose_special_tokens_the_tokenizer_lacks_stops_sft_before_writing(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_medtune("sft", *TINY, "--model_name_or_path", str(tiny_model("glm4")), "--output_dir", str(out),
+                         "--template", "qwen")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "lacks the template's special tokens <|im_start|>, <|im_end|>" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -1,6 +1,8 @@
 """One chat template for training and inference: exact assistant-only masks for every template, and the prompt
 used in training is exactly what inference feeds the model."""
 
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -27,10 +29,10 @@ EXPECTED = {
         ("请及时就医。<|endoftext|>", True),  # nothing follows the last reply: EOS is appended and learned
     ]),
     "chatglm3": ("glm4", [
-        ("[gMASK]sop<|system|>\n 你是医生助手。<|user|>\n 头痛怎么办？<|assistant|>\n ", False),
-        ("先休息。<|user|>", True),
-        ("\n 还是疼呢？<|assistant|>\n ", False),
-        ("请及时就医。<|endoftext|>", True),
+        ("[gMASK]sop<|system|>\n 你是医生助手。<|user|>\n 头痛怎么办？<|assistant|>", False),
+        ("\n 先休息。<|user|>", True),  # as in ChatGLM3, the model writes the newline after its role tag
+        ("\n 还是疼呢？<|assistant|>", False),
+        ("\n 请及时就医。<|endoftext|>", True),
     ]),
     "qwen": ("qwen2", [
         ("<|im_start|>system\n你是医生助手。<|im_end|>\n<|im_start|>user\n头痛怎么办？<|im_end|>\n"
@@ -49,10 +51,10 @@ EXPECTED = {
         ("请及时就医。<|eot_id|>", True),
     ]),
     "vicuna": ("glm4", [
-        ("你是医生助手。 USER: 头痛怎么办？ ASSISTANT: ", False),
-        ("先休息。<|endoftext|>", True),
-        ("USER: 还是疼呢？ ASSISTANT: ", False),
-        ("请及时就医。<|endoftext|>", True),
+        ("你是医生助手。 USER: 头痛怎么办？ ASSISTANT:", False),
+        (" 先休息。<|endoftext|>", True),  # as in FastChat, the reply starts with the space
+        ("USER: 还是疼呢？ ASSISTANT:", False),
+        (" 请及时就医。<|endoftext|>", True),
     ]),
     "alpaca": ("glm4", [
         ("你是医生助手。\n\n### Instruction:\n头痛怎么办？\n\n### Response:\n", False),
@@ -66,7 +68,11 @@ OWN_TEMPLATE_EQUIVALENT = {"glm4": "glm4", "qwen2": "qwen", "llama": "llama3"}
 
 def template_for(tiny_model, family: str, name: str | None) -> ChatTemplate:
     folder = tiny_model(family)
-    return load_chat_template(str(folder), AutoTokenizer.from_pretrained(folder), name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if name == "chatglm3":  # ChatGLM3's "sop"/"eop" are special tokens; GLM-4's are "<sop>"/"<eop>"
+        tokenizer.add_special_tokens({"additional_special_tokens": ["sop", "eop"]},
+                                     replace_extra_special_tokens=False)
+    return load_chat_template(str(folder), tokenizer, name)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -126,3 +132,15 @@ def test_tokenizer_without_template_asks_for_one(tiny_model):
     tokenizer.chat_template = None
     with pytest.raises(TemplateError, match="--template"):
         ChatTemplate.for_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize("name, family, missing", [
+    ("qwen", "glm4", "<|im_start|>, <|im_end|>"),
+    ("llama3", "qwen2", "<|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>"),
+    ("glm4", "llama", "[gMASK], <sop>, <|system|>, <|user|>, <|assistant|>"),
+    ("chatglm3", "glm4", "sop"),
+])
+def test_template_whose_special_tokens_the_tokenizer_lacks_is_refused(tiny_model, name, family, missing):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model(family))
+    with pytest.raises(TemplateError, match=f"lacks the template's special tokens {re.escape(missing)};"):
+        ChatTemplate.for_tokenizer(tokenizer, name)

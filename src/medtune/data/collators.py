@@ -48,25 +48,23 @@ class PaddingCollator:
 
 
 class PackedCollator:
-    """Batch packed rows: several conversations per row, `position_ids` restarting at each one.
+    """Batch packed rows as ONE flattened row [1, total tokens], `position_ids` restarting at each conversation.
 
-    No attention mask is passed: transformers then derives a block-diagonal causal mask from the position ids
-    (flash-attention uses them as varlen boundaries), so no token attends across conversations. Rows shorter than
-    the batch's longest are padded with a pseudo-sequence of their own (positions restart at 0, labels -100), which
-    nothing real attends to.
+    Every attention backend then keeps conversations apart with no attention mask: sdpa and eager derive a
+    block-diagonal causal mask from the position ids, and flash-attention turns them into varlen boundaries -- but
+    only for a batch of one row (transformers' `_is_packed_sequence`), which is why the rows are flattened rather
+    than stacked: stacked [B, L] rows under flash-attention would be plain causal over every conversation in a row.
+    Flattening also needs no padding, and the loss is the same token-weighted mean as for stacked rows.
     """
 
     def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = pad_token_id  # unused (a flattened batch needs no padding), kept for a uniform API
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [(_as_ids(f["input_ids"]), _as_ids(f["labels"]), _as_ids(f["position_ids"])) for f in features]
-        width = max(len(ids) for ids, _, _ in rows)
-        input_ids, labels, positions = [], [], []
-        for ids, label, position in rows:
-            pad = width - len(ids)
-            input_ids.append(torch.cat([ids, ids.new_full((pad,), self.pad_token_id)]))
-            labels.append(torch.cat([label, label.new_full((pad,), IGNORE_INDEX)]))
-            positions.append(torch.cat([position, torch.arange(pad, dtype=position.dtype)]))
-        return {"input_ids": torch.stack(input_ids), "labels": torch.stack(labels),
-                "position_ids": torch.stack(positions)}
+        def flattened(key: str) -> torch.Tensor:
+            return torch.cat([_as_ids(f[key]) for f in features]).unsqueeze(0)
+
+        positions = flattened("position_ids")
+        # Nothing predicts a conversation's first token (it would be predicted from the previous conversation).
+        labels = flattened("labels").masked_fill(positions == 0, IGNORE_INDEX)
+        return {"input_ids": flattened("input_ids"), "labels": labels, "position_ids": positions}

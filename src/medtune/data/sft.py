@@ -17,11 +17,11 @@ from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_
 from medtune.data.loading import load_records, split_records
 from medtune.data.records import Conversation
 from medtune.paths import bundled_data_dir
-from medtune.templates.chat import IGNORE_INDEX, ChatTemplate
+from medtune.templates.chat import IGNORE_INDEX, ChatTemplate, TemplateError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: whole-conversation tokenization (offsets)
 
 
 @dataclass
@@ -60,7 +60,10 @@ def encode_conversations(conversations: list[Conversation], template: ChatTempla
     examples = []
     for conversation in conversations:
         stats.conversations += 1
-        encoded = template.encode(conversation.messages, train_on_prompt=train_on_prompt)
+        try:
+            encoded = template.encode(conversation.messages, train_on_prompt=train_on_prompt)
+        except TemplateError as exc:
+            raise TemplateError(f"{conversation.source}: {exc}") from None
         input_ids, labels = encoded.input_ids, encoded.labels
         if len(input_ids) > max_length:
             input_ids, labels = input_ids[:max_length], labels[:max_length]

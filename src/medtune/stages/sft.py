@@ -19,12 +19,8 @@ DESCRIPTION = ("Supervised fine-tuning on conversations (ShareGPT, OpenAI messag
 def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFTDataArguments,
             training_args: SFTTrainingArguments) -> dict:
     """Train and save into training_args.output_dir; returns the final evaluation metrics."""
-    from medtune.data.collators import PackedCollator, PaddingCollator
     from medtune.data.sft import build_sft_split, load_conversations, log_encoding_stats
-    from medtune.models.loader import (
-        attach_lora,
-        load_chat_template,
-    )
+    from medtune.models.loader import attach_lora
     from medtune.stages.common import (
         MedtuneTrainer,
         argmax_logits,
@@ -35,9 +31,9 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
         token_accuracy,
     )
 
-    resume, model_path, tokenizer = start_stage(model_args, training_args,
-                                                (model_args, lora_args, data_args, training_args))
-    template = load_chat_template(model_path, tokenizer, model_args.template)
+    template = checked_template(model_args)  # before start_stage writes anything into output_dir
+    tokenizer = template.tokenizer
+    resume, model_path, _ = start_stage(model_args, training_args, (model_args, lora_args, data_args, training_args))
 
     # Every record is validated and encoded before the model is loaded.
     train_conversations, eval_conversations = load_conversations(data_args)
@@ -56,14 +52,13 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 
-    collator = PackedCollator(tokenizer.pad_token_id) if data_args.packing else PaddingCollator(tokenizer.pad_token_id)
     trainer = MedtuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        data_collator=collator,
+        data_collator=sft_collator(tokenizer, data_args),
         compute_metrics=token_accuracy if eval_set is not None else None,
         preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
         callbacks=callbacks,
@@ -73,3 +68,22 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
              "template": template.name, "packing": data_args.packing}
     return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
                            chat_template=template.jinja)
+
+
+def checked_template(model_args):
+    """The ChatTemplate for this run, checked against the tokenizer (a `--template` whose special tokens the
+    tokenizer lacks is refused) before the stage writes anything."""
+    from medtune.models.loader import load_chat_template, load_tokenizer, resolve_model_path
+
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               model_args.trust_remote_code)
+    return load_chat_template(model_args.model_name_or_path, tokenizer, model_args.template)
+
+
+def sft_collator(tokenizer, data_args):
+    """The collator the Trainer gets: packed rows flattened into one row (no cross-conversation attention on any
+    attention backend), or padded conversations."""
+    from medtune.data.collators import PackedCollator, PaddingCollator
+
+    return (PackedCollator if data_args.packing else PaddingCollator)(tokenizer.pad_token_id)

@@ -1,14 +1,19 @@
 """`ChatTemplate`: the one place that turns messages into token ids and labels.
 
 Training (SFT, DPO), evaluation, `medtune chat` and serving all go through the same object, so the prompt the
-model is trained on is byte-for-byte the prompt it is given at inference.
+model is trained on is exactly the prompt it is given at inference.
 
 Assistant-only labels are derived the same way for every template, with no `{% generation %}` markers needed
 (GLM-4-9B-Chat's template has none): for each assistant turn, render the conversation up to it with
 `add_generation_prompt=True` and up to its end; the text in between is the reply. The reply is extended over the
 token that makes generation stop (e.g. `<|im_end|>`, or GLM-4's next `<|user|>` tag), and a stop token is
-appended after the last reply when the template renders none, so the model learns to stop. Each span is tokenized
-on its own, so prompt tokens are exactly what inference tokenizes and no token straddles prompt and reply.
+appended after the last reply when the template renders none, so the model learns to stop.
+
+The rendered conversation is tokenized ONCE, as a whole, and a token is a target when it starts inside a reply's
+character span. Tokenizing pieces separately would not do: a SentencePiece-style (Metaspace) tokenizer prepends
+"▁" to every piece, so the training prompt would differ from the whole prompt inference tokenizes. A token that
+starts in the prompt and ends in the reply (a generation prompt ending inside a token, e.g. "ASSISTANT: " before
+"▁Rest") is refused: no single sequence could then match inference's prompt, which ends before that token.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medtune.errors import ConfigError
-from medtune.templates.registry import get_template
+from medtune.templates.registry import ChatFormat, get_template
 
 IGNORE_INDEX = -100
 
@@ -35,6 +40,23 @@ class EncodedConversation:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+def missing_special_tokens(tokenizer, chat_format: ChatFormat) -> list[str]:
+    """The family's special tokens that the template writes but the tokenizer does not encode as one token of
+    their own (e.g. Qwen's <|im_start|> for a GLM-4 tokenizer)."""
+    probe = [{"role": "system", "content": "甲"}, {"role": "user", "content": "乙"},
+             {"role": "assistant", "content": "丙"}, {"role": "user", "content": "丁"}]
+    text = tokenizer.apply_chat_template(probe, chat_template=chat_format.jinja, tokenize=False,
+                                         add_generation_prompt=True)
+    missing = []
+    for token in sorted(chat_format.special_tokens, key=len, reverse=True):  # "<sop>" before "sop"
+        if token not in text:
+            continue
+        text = text.replace(token, "\0")
+        if tokenizer(token, add_special_tokens=False)["input_ids"] != [tokenizer.convert_tokens_to_ids(token)]:
+            missing.append(token)
+    return sorted(missing, key=chat_format.special_tokens.index)
+
+
 class ChatTemplate:
     """A tokenizer plus the Jinja chat template that renders conversations for it."""
 
@@ -50,6 +72,12 @@ class ChatTemplate:
         stops = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(i) for i in (stop_token_ids or [])]
         if name:
             chat_format = get_template(name)
+            missing = missing_special_tokens(tokenizer, chat_format)
+            if missing:
+                raise TemplateError(
+                    f"--template {name}: this tokenizer lacks the template's special tokens {', '.join(missing)}; "
+                    "they would be trained on as ordinary text pieces. Use the template of the model's family, or "
+                    "omit --template to use the tokenizer's own chat template")
             named_stops = [t for t in chat_format.stop_tokens if t in tokenizer.get_vocab()]
             return cls(tokenizer, chat_format.jinja, name, named_stops + stops)
         jinja = tokenizer.chat_template
@@ -103,6 +131,35 @@ class ChatTemplate:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Token ids of the whole `text` and the character offset at which each token starts."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self._tokenize_pieces(text, spans)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [start for start, _ in encoding["offset_mapping"]]
+        for reply_start, _ in spans:
+            straddling = [(s, e) for s, e in encoding["offset_mapping"] if s < reply_start < e]
+            if straddling:
+                s, e = straddling[0]
+                raise TemplateError(
+                    f"template {self.name!r}: its generation prompt ends inside the token {text[s:e]!r} of this "
+                    f"tokenizer (prompt ...{text[max(0, reply_start - 20):reply_start]!r}), so training would see "
+                    "another prompt than inference; use a template whose generation prompt ends at a token boundary")
+        return encoding["input_ids"], starts
+
+    def _tokenize_pieces(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """For slow tokenizers, which report no offsets (e.g. GLM-4's original tiktoken one): the pieces between
+        reply boundaries one by one. Byte-level BPE tokenizers give the whole-text ids this way, as their
+        pre-tokenizers split where a generation prompt ends (a newline or a special token)."""
+        cuts = sorted({0, len(text), *(position for span in spans for position in span)})
+        ids: list[int] = []
+        starts: list[int] = []
+        for start, end in zip(cuts, cuts[1:]):
+            piece = self._ids(text[start:end])
+            ids += piece
+            starts += [start] * len(piece)
+        return ids, starts
+
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """What inference feeds the model for `messages` (ending with a user turn)."""
         return self._ids(self.render(messages, add_generation_prompt=True))
@@ -110,19 +167,12 @@ class ChatTemplate:
     def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False) -> EncodedConversation:
         """Token ids and labels: replies supervised, everything else -100 (unless `train_on_prompt`)."""
         text, spans = self.reply_spans(messages)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        cursor = 0
-        for start, end in spans:
-            prompt = self._ids(text[cursor:start])
-            reply = self._ids(text[start:end])
-            input_ids += prompt + reply
-            labels += (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + reply
-            cursor = end
-        tail = self._ids(text[cursor:])
-        input_ids += tail
-        labels += tail if train_on_prompt else [IGNORE_INDEX] * len(tail)
-        return EncodedConversation(input_ids, labels)
+        ids, starts = self._tokenize(text, spans)
+        if train_on_prompt:
+            return EncodedConversation(ids, list(ids))
+        labels = [token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
+                  for token, offset in zip(ids, starts)]
+        return EncodedConversation(ids, labels)
 
     def prompt_and_reply(self, prompt: list[dict[str, str]], reply: str) -> tuple[str, str]:
         """The rendered prompt (exactly what inference renders) and the reply text that follows it in training,
@@ -132,8 +182,12 @@ class ChatTemplate:
         return text[:start], text[start:end]
 
     def encode_reply(self, prompt: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+        """The prompt's ids (what inference tokenizes) and the reply's ids as they follow it, from one tokenization."""
         prompt_text, reply_text = self.prompt_and_reply(prompt, reply)
-        return self._ids(prompt_text), self._ids(reply_text)
+        span = (len(prompt_text), len(prompt_text) + len(reply_text))
+        ids, starts = self._tokenize(prompt_text + reply_text, [span])
+        cut = sum(offset < span[0] for offset in starts)
+        return ids[:cut], ids[cut:]
 
     @property
     def head_ids(self) -> list[int]:

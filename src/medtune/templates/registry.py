@@ -80,7 +80,9 @@ LLAMA3 = ChatFormat(
     prefix_tokens=("<|begin_of_text|>",),
 )
 
-# ChatGLM3-6B: like GLM-4 but with the plain-text "sop" prefix token.
+# ChatGLM3-6B: like GLM-4 but with the "sop" prefix token and a space (SentencePiece's dummy prefix) before each
+# message. As in ChatGLM3 itself, the generation prompt ends with the <|assistant|> tag and the model writes the
+# "\n " after it: a prompt ending in that space would end inside a SentencePiece token ("▁Rest").
 CHATGLM3 = ChatFormat(
     name="chatglm3",
     jinja=(
@@ -88,8 +90,7 @@ CHATGLM3 = ChatFormat(
         "{% for message in messages %}"
         "<|{{ message['role'] }}|>\n {{ message['content'] }}"
         "{% endfor %}"
-        # an expression, not literal text: Jinja's lstrip_blocks would eat a space that starts a line before a tag
-        "{% if add_generation_prompt %}{{ '<|assistant|>\\n ' }}{% endif %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     ),
     special_tokens=("<|endoftext|>", "[MASK]", "[gMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
                     "<|observation|>"),
@@ -100,7 +101,9 @@ CHATGLM3 = ChatFormat(
     prefix_tokens=("[gMASK]", "sop"),
 )
 
-# Vicuna v1.1 style, for base models without a chat template of their own.
+# Vicuna v1.1 style, for base models without a chat template of their own. As in FastChat, the generation prompt
+# is "ASSISTANT:" and the reply starts with the space: with SentencePiece tokenizers " Rest" is one token ("▁Rest"),
+# so a prompt ending in the space would end inside it.
 VICUNA = ChatFormat(
     name="vicuna",
     jinja=(
@@ -109,7 +112,7 @@ VICUNA = ChatFormat(
         "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
         "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
     special_tokens=("<s>", "</s>"),
     bos_token="<s>",
