@@ -362,3 +362,31 @@ def test_each_merge_option_is_declared_once_and_the_books_names_work(capsys):
     for option in ("--base_model", "--lora_model", "--tokenizer_path", "--torch_dtype", "--trust_remote_code",
                    "--model_type", "--template", "--check_tolerance"):
         assert option in shown, option
+
+
+@pytest.mark.slow
+def test_a_pipeline_killed_during_merge_finishes_on_rerun(tmp_path):
+    """SIGKILL while the merged model is being written: no half folder at merged/, and the re-run merges."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    out = tmp_path / "pipeline"
+    staging = out / ".merged.merging"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen([sys.executable, "-m", "medtune", "pipeline", "--output_dir", str(out), "--max_steps",
+                                "2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-merge, not after it finished
+    assert staging.exists() and not (out / "merged").exists()
+    again = run_medtune("pipeline", "--output_dir", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "interrupted merge" in again.stderr and not staging.exists()
+    assert json.loads((out / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4

@@ -187,20 +187,21 @@ def probe_inputs(tokenizer, template):
 @contextlib.contextmanager
 def computed_in_float32(model):
     """Run forward passes in float32 while the weights stay stored in their own dtype: each module's parameters
-    are upcast just before it runs and restored right after (bf16/fp16 -> float32 -> back is exact), so memory
-    stays at one copy of the model plus one module in float32."""
-    stored_dtypes: dict[int, list] = {}
+    are upcast just before it runs and the stored tensors put back right after (untouched, so weights that are
+    still memory-mapped from the checkpoint stay so), so memory stays at one copy plus one module in float32."""
+    stored: dict[int, list] = {}
 
     def upcast(module, args, kwargs):
-        stored_dtypes[id(module)] = [p.dtype for p in module.parameters(recurse=False)]
-        for parameter in module.parameters(recurse=False):
+        parameters = list(module.parameters(recurse=False))
+        stored[id(module)] = [p.data for p in parameters]
+        for parameter in parameters:
             parameter.data = parameter.data.float()
         return tuple(a.float() if hasattr(a, "is_floating_point") and a.is_floating_point() else a
                      for a in args), kwargs
 
     def restore(module, args, output):
-        for parameter, dtype in zip(module.parameters(recurse=False), stored_dtypes.pop(id(module))):
-            parameter.data = parameter.data.to(dtype)
+        for parameter, data in zip(module.parameters(recurse=False), stored.pop(id(module))):
+            parameter.data = data
 
     handles = []
     for module in model.modules():
