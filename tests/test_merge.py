@@ -390,3 +390,15 @@ def test_a_pipeline_killed_during_merge_finishes_on_rerun(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted merge" in again.stderr and not staging.exists()
     assert json.loads((out / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
+
+
+def test_the_check_computes_in_float32_without_changing_the_stored_weights(bf16_base):
+    from medtune.stages.merge import float32_logits
+
+    model = AutoModelForCausalLM.from_pretrained(bf16_base, dtype=torch.bfloat16)
+    stored = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
+    ids = torch.tensor([[5, 17, 230, 1024, 42]])
+    logits = float32_logits(model, ids)
+    assert {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()} == stored  # put back, not copied
+    with torch.no_grad():
+        assert torch.equal(logits, model.float()(input_ids=ids).logits)

@@ -184,6 +184,10 @@ def probe_inputs(tokenizer, template):
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
+def _float32(value):
+    return value.float() if hasattr(value, "is_floating_point") and value.is_floating_point() else value
+
+
 @contextlib.contextmanager
 def computed_in_float32(model):
     """Run forward passes in float32 while the weights stay stored in their own dtype: each module's parameters
@@ -196,8 +200,7 @@ def computed_in_float32(model):
         stored[id(module)] = [p.data for p in parameters]
         for parameter in parameters:
             parameter.data = parameter.data.float()
-        return tuple(a.float() if hasattr(a, "is_floating_point") and a.is_floating_point() else a
-                     for a in args), kwargs
+        return tuple(map(_float32, args)), {key: _float32(value) for key, value in kwargs.items()}
 
     def restore(module, args, output):
         for parameter, data in zip(module.parameters(recurse=False), stored.pop(id(module))):
