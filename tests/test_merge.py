@@ -402,3 +402,18 @@ def test_the_check_computes_in_float32_without_changing_the_stored_weights(bf16_
     assert {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()} == stored  # put back, not copied
     with torch.no_grad():
         assert torch.equal(logits, model.float()(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_merge_memory_benchmark_runs():
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    result = subprocess.run([sys.executable, "benchmarks/merge_memory.py", "--hidden_size", "128", "--layers", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["dtype"] == "bfloat16" and row["merged_weights_mb"] == row["weights_mb"]
+    assert row["merge_peak_mb"] > row["runtime_peak_mb"]
