@@ -110,8 +110,7 @@ def merge(argv: list[str]) -> int:
     from medtune.config import parse_arguments
     from medtune.stages import merge as stage
 
-    (merge_args,) = parse_arguments(stage.ARGUMENT_TYPES, argv, prog="medtune merge", description=stage.DESCRIPTION)
-    stage.run_merge(merge_args)
+    stage.run_merge(*parse_arguments(stage.ARGUMENT_TYPES, argv, prog="medtune merge", description=stage.DESCRIPTION))
     return 0
 
 

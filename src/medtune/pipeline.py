@@ -45,12 +45,12 @@ def run_pt_stage(args, extra: list[str], out: Path) -> dict:
 
 
 def run_merge_stage(out: Path) -> dict:
-    from medtune.config import MergeArguments
+    from medtune.config import MergeArguments, ModelArguments
     from medtune.stages.merge import run_merge
 
     merged = out / "merged"
     if not (merged / "merge_check.json").is_file():
-        run_merge(MergeArguments(lora_model=str(out / "pt"), output_dir=str(merged)))
+        run_merge(ModelArguments(), MergeArguments(lora_model=str(out / "pt"), output_dir=str(merged)))
     return _read_json(merged / "merge_check.json")
 
 

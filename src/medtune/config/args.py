@@ -30,16 +30,18 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Local model directory (or hub id with network). Default: the embedded tiny GLM-4 model, "
-                          "built on first use.", "aliases": ["--model"]},
+                          "built on first use (merge: the base recorded in the adapter).",
+                  "aliases": ["--model", "--base_model"]},
     )
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer directory if it differs from the model's."}
+        default=None, metadata={"help": "Tokenizer directory if it differs from the model's.",
+                                "aliases": ["--tokenizer_path"]},
     )
     model_type: str = field(default="auto", metadata={"help": f"Accepted for compatibility: {', '.join(MODEL_TYPES)}."})
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (bf16/fp16 when that flag is set, else float32), float32, "
-                          "bfloat16, float16."},
+        metadata={"help": "Weights dtype: auto (bf16/fp16 when that flag is set, else float32; merge: the base's "
+                          "dtype from its config.json), float32, bfloat16, float16."},
     )
     trust_remote_code: bool = field(
         default=False,
@@ -357,21 +359,18 @@ class EvalArguments:
 
 @dataclass
 class MergeArguments:
-    """Fold a LoRA adapter into its base model and save a standalone model."""
+    """Fold a LoRA adapter into its base model and save a standalone model. Which base, tokenizer, dtype and chat
+    template come from ModelArguments (`--base_model`, `--tokenizer_path`, `--torch_dtype`, `--template`)."""
 
-    base_model: str | None = field(default=None, metadata={"help": "The base model directory (default: the "
-                                                                    "base recorded in the adapter)."})
-    lora_model: str = field(default="", metadata={"help": "The LoRA adapter directory (e.g. a pt output_dir)."})
-    output_dir: str = field(default="", metadata={"help": "Where the merged model goes (must not be the base "
-                                                         "model's folder)."})
-    model_type: str = field(default="auto", metadata={"help": f"Accepted for compatibility: {', '.join(MODEL_TYPES)}."})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer to save with the merged model "
-                                                                       "(default: the adapter's, else the base's)."})
-    torch_dtype: str = field(default="auto", metadata={"help": "dtype of the saved weights (auto: the base's)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code shipped in the model folder."})
+    lora_model: str = field(default="", metadata={"help": "The LoRA adapter directory (e.g. a pt or sft output_dir)."})
+    output_dir: str = field(default="", metadata={"help": "Where the merged model goes: a new or empty folder (never "
+                                                         "the base's or the adapter's). Written to a temporary "
+                                                         "sibling folder and renamed into place when complete."})
     check_tolerance: float = field(
-        default=1e-4, metadata={"help": "Largest allowed |logit difference| between base+adapter and the merged "
-                                        "model on a probe input (checked in float32)."},
+        default=1e-4,
+        metadata={"help": "Largest allowed |logit difference| between base+adapter and the reloaded merged model on "
+                          "a probe input (computed in float32), plus 4 x the saved dtype's epsilon x the largest "
+                          "|logit| (the rounding of bf16/fp16 weights)."},
     )
 
     def __post_init__(self):
@@ -379,5 +378,3 @@ class MergeArguments:
             raise ConfigError("merge needs --lora_model (the adapter folder)")
         if not self.output_dir:
             raise ConfigError("merge needs --output_dir (a new folder for the merged model)")
-        _check_choice("model_type", self.model_type, MODEL_TYPES)
-        _check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
