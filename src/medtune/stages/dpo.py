@@ -95,11 +95,11 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     from medtune.stages.common import configure_evaluation, finish_training, load_training_model, start_stage
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # Every pair is validated before anything is written, and encoded before the model is loaded.
+    train_pairs, eval_pairs, dropped = load_pairs(data_args)
     resume, model_path, tokenizer = start_stage(model_args, training_args,
                                                 (model_args, lora_args, data_args, training_args))
     template = load_chat_template(model_path, tokenizer, model_args.template)
-    # Every pair is validated and encoded before the model is loaded.
-    train_pairs, eval_pairs, dropped = load_pairs(data_args)
     train_set, eval_set, stats = prepare_preference_data(training_args, data_args, template, train_pairs, eval_pairs)
     callbacks = configure_evaluation(training_args, eval_set is not None)
 
