@@ -2,7 +2,9 @@
 
 `medtune pt --config configs/pt_tiny.yaml --learning_rate 1e-4`: the YAML values are turned into command-line
 tokens placed before the user's own, so both go through the same typed parsing and the command line wins.
-Unknown keys, in the YAML or on the command line, are errors that suggest the closest known name.
+Unknown keys, in the YAML or on the command line, are errors that suggest the closest known name; each YAML value is
+checked on its own first, so a duplicated key, a value of the wrong type or a list where one value belongs is
+reported with the file, line and option.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _read_yaml(path: Path) -> list[tuple[str, Any, int]]:
         loader.dispose()
 
 
-def _value_tokens(key: str, value: Any, takes_list: bool) -> list[str]:
+def _value_tokens(key: str, value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [f"--{key}", *(str(v) for v in value)] if value else []  # an empty list keeps the default
     if isinstance(value, bool):
@@ -127,10 +129,11 @@ def _yaml_to_tokens(path: Path, dataclass_types, parser: HfArgumentParser) -> tu
                 raise ConfigError(f"{where}: {key}: needs a value (null is not allowed here)")
             nulls[key] = None
             continue
+        # argparse keeps no public map from option to action; nargs says whether the option takes a list
         takes_list = parser._option_string_actions[f"--{key}"].nargs in ("+", "*")
         if isinstance(value, (list, tuple)) and not takes_list:
             raise ConfigError(f"{where}: {key}: expects one value, got a list")
-        entry = _value_tokens(key, value, takes_list)
+        entry = _value_tokens(key, value)
         try:
             _, left = parser.parse_known_args(entry)
         except argparse.ArgumentError as exc:
