@@ -2,6 +2,7 @@
 log-probs are cached, bad input stops early, and DPO learns the preference."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,20 +131,6 @@ def test_dpo_learns_the_preference_from_a_tiny_sft_model(glm4_dir, tmp_path):
     assert metrics["eval_rewards/margins"] > 0
 
 
-def test_string_methods_get_pairs_fitted_by_the_same_rule(glm4_dir):
-    from medtune.data.preference import render_pairs
-
-    tokenizer = AutoTokenizer.from_pretrained(glm4_dir)
-    template = load_chat_template(str(glm4_dir), tokenizer)
-    pairs, _ = load_records(PAIRS, "preference")
-    rows, stats = render_pairs(pairs[:10], template, max_length=64)
-    assert stats.pairs == 10 and stats.truncated > 0
-    for row in rows:
-        prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-        for answer in ("chosen", "rejected"):
-            assert prompt + len(tokenizer(row[answer], add_special_tokens=False)["input_ids"]) <= 64 + 2
-
-
 def test_full_fine_tuning_with_precomputed_reference(glm4_dir, tmp_path):
     metrics = dpo.run_dpo(*dpo_args(glm4_dir, tmp_path, "--use_peft", "false", "--precompute_ref_log_probs", "true",
                                     "--data_cache_dir", str(tmp_path / "cache")))
@@ -157,12 +144,13 @@ def build_dpo_trainer(model_dir: Path, out: Path, pairs: list, *extra: str):
     from medtune.stages.common import load_training_model
 
     model_args, lora_args, data_args, training_args = dpo_args(model_dir, out, "--report_to", "none",
-                                                               "--eval_strategy", "no", *extra)
+                                                               "--eval_strategy", "no", "--eval_on_start", "false", *extra)
     tokenizer = load_tokenizer(str(model_dir))
     template = load_chat_template(str(model_dir), tokenizer)
+    train_set, _, _ = dpo.prepare_preference_data(training_args, data_args, template, pairs, [])
     model = load_training_model(str(model_dir), model_args, training_args)
-    trainer, _ = dpo.build_trainer(training_args, data_args, model, tokenizer, template, pairs, [],
-                                   lora_config(lora_args))
+    trainer = dpo.build_trainer(training_args, data_args, model, tokenizer, train_set, None,
+                                lora_config(lora_args) if lora_args.use_peft else None)
     return trainer, template, data_args
 
 
@@ -182,3 +170,197 @@ def test_orpo_and_simpo_rows_are_the_template_ids_without_an_extra_eos(glm4_dir,
     for row, ids in zip(trainer.train_dataset, expected):
         assert row["chosen_input_ids"] == ids["prompt_ids"] + ids["chosen_ids"]
         assert row["rejected_labels"] == [-100] * len(ids["prompt_ids"]) + ids["rejected_ids"]
+
+
+def test_kto_trains_on_the_template_reply_ids_without_an_extra_eos(tiny_model, tmp_path):
+    qwen = tiny_model("qwen2")
+    pairs, _ = load_records(PAIRS, "preference")
+    trainer, template, _ = build_dpo_trainer(qwen, tmp_path, pairs[:6], "--loss_type", "kto", "--max_length", "64")
+    assert template.tokenizer.eos_token == "<|endoftext|>" and "<|im_end|>" in template.stop_strings
+    expected = {}  # (prompt ids, desirable) -> the reply ids the template renders after that prompt
+    for pair in pairs[:6]:
+        for reply, label in ((pair.chosen, True), (pair.rejected, False)):
+            prompt, ids = template.encode_reply(pair.prompt, reply)
+            expected[(tuple(prompt), label)] = (prompt, ids)
+    truncated = 0
+    for row in trainer.train_dataset:
+        batch = trainer.data_collator([row])  # what the loss sees
+        trained = batch["input_ids"][0][batch["completion_mask"][0].bool()].tolist()
+        full_prompt, reply = next(v for (p, label), v in expected.items()
+                                  if label == row["label"] and list(p[-len(row["prompt_ids"]) + 2:]) == row["prompt_ids"][2:])
+        if len(full_prompt) + len(reply) <= 64:
+            assert row["prompt_ids"] == full_prompt and trained == reply  # exactly, ending with <|im_end|>\n
+        else:
+            truncated += 1
+            assert trained == reply[: 64 - len(row["prompt_ids"])]  # cut, with nothing appended
+        assert template.tokenizer.eos_token_id not in trained
+    assert truncated > 0
+
+
+def prepared(model_dir: Path, out: Path, pairs: list, *extra: str):
+    """(train set, encode calls) the way `medtune dpo` prepares data for the given options."""
+    from unittest import mock
+
+    from medtune.models.loader import load_tokenizer
+    from medtune.templates.chat import ChatTemplate
+
+    _, _, data_args, training_args = dpo_args(model_dir, out, "--report_to", "none", *extra)
+    template = load_chat_template(str(model_dir), load_tokenizer(str(model_dir)))
+    with mock.patch.object(ChatTemplate, "encode_reply", autospec=True,
+                           side_effect=ChatTemplate.encode_reply) as encode:
+        train_set, _, _ = dpo.prepare_preference_data(training_args, data_args, template, pairs, [])
+    return train_set, encode.call_count
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo", "simpo", "kto"])
+def test_every_method_encodes_once_then_loads_the_cache(glm4_dir, tmp_path, loss_type):
+    pairs, _ = load_records(PAIRS, "preference")
+    cache = ("--data_cache_dir", str(tmp_path / "cache"), "--loss_type", loss_type)
+    first, calls = prepared(glm4_dir, tmp_path, pairs[:5], *cache)
+    assert calls == 10  # chosen and rejected of each pair
+    again, calls = prepared(glm4_dir, tmp_path, pairs[:5], *cache)
+    assert calls == 0 and again[:] == first[:]  # looked up before any encoding
+    _, calls = prepared(glm4_dir, tmp_path, pairs[:5], *cache, "--overwrite_cache", "true")
+    assert calls == 10
+
+
+def test_reference_log_probs_are_recomputed_when_a_pair_changes(glm4_dir, tmp_path):
+    from unittest import mock
+
+    from trl import DPOTrainer
+
+    pairs, _ = load_records(PAIRS, "preference")
+    options = ("--precompute_ref_log_probs", "true", "--data_cache_dir", str(tmp_path / "cache"))
+
+    def reference_pass(pairs):
+        with mock.patch.object(DPOTrainer, "compute_ref_log_probs", autospec=True,
+                               side_effect=DPOTrainer.compute_ref_log_probs) as forward:
+            trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs, *options)
+        return trainer.train_dataset["ref_chosen_logps"], forward.call_count
+
+    before, calls = reference_pass(pairs[:4])
+    assert calls > 0
+    assert reference_pass(pairs[:4]) == (before, 0)  # same data: loaded from the cache
+    changed = [pairs[0], pairs[1], replace(pairs[2], chosen=pairs[2].chosen + "请遵医嘱。"), pairs[3]]
+    after, calls = reference_pass(changed)
+    assert calls > 0  # recomputed, not the stale values
+    assert after[:2] == before[:2] and after[3] == before[3] and after[2] != before[2]
+
+
+def sequence_log_prob(model, prompt: list[int], answer: list[int]):
+    """log p(answer | prompt) summed over the answer tokens, from one unpadded forward pass."""
+    import torch
+
+    logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+    log_probs = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    return log_probs.gather(1, torch.tensor(answer)[:, None]).sum()
+
+
+def test_dpo_loss_matches_a_hand_computation_on_two_pairs(glm4_dir, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    pairs, _ = load_records(PAIRS, "preference")
+    trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs[:2], "--beta", "0.5")
+    model = trainer.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that differs from the reference (the base with the adapter disabled)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    assert len(rows[0]["chosen_ids"]) != len(rows[1]["chosen_ids"])  # the batch is padded
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, trainer.data_collator(rows))
+        expected = []
+        for row in rows:
+            policy = [sequence_log_prob(model, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids")]
+            with model.disable_adapter():
+                reference = [sequence_log_prob(model, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids")]
+            margin = (policy[0] - reference[0]) - (policy[1] - reference[1])
+            assert abs(margin) > 0.1  # the two models really differ
+            expected.append(-F.logsigmoid(0.5 * margin))
+    # float32 sums over chunked, padded batches vs one unpadded sequence: agreement to 1e-4 relative
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+
+
+def test_one_dpo_step_changes_every_trainable_parameter(glm4_dir, tmp_path):
+    import torch
+
+    pairs, _ = load_records(PAIRS, "preference")
+    trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs[:2], "--use_peft", "false", "--max_steps", "1",
+                                      "--learning_rate", "1e-3", "--save_strategy", "no", "--logging_steps", "1")
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert len(before) == sum(1 for _ in trainer.model.parameters())  # full fine-tuning: everything trains
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    unchanged = [name for name, value in before.items() if torch.equal(value, after[name].detach())]
+    assert unchanged == []
+
+
+@pytest.mark.parametrize(("option", "loss_type", "attribute", "value"), [
+    ("label_smoothing", "robust", "label_smoothing", 0.2),
+    ("label_smoothing", "simpo", "label_smoothing", 0.2),
+    ("simpo_gamma", "simpo", "simpo_gamma", 0.8),
+    ("cpo_alpha", "simpo", "cpo_alpha", 0.3),
+    ("desirable_weight", "kto", "desirable_weight", 1.5),
+    ("undesirable_weight", "kto", "undesirable_weight", 0.7),
+    ("beta", "orpo", "beta", 0.3),
+])
+def test_preference_options_reach_the_trl_trainer(glm4_dir, tmp_path, option, loss_type, attribute, value):
+    pairs, _ = load_records(PAIRS, "preference")
+    trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs[:2], "--loss_type", loss_type, f"--{option}",
+                                      str(value))
+    assert getattr(trainer, attribute) == pytest.approx(value)
+
+
+def test_rpo_alpha_adds_the_chosen_nll_term_and_simpo_has_its_own_beta(glm4_dir, tmp_path):
+    pairs, _ = load_records(PAIRS, "preference")
+    trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs[:2], "--rpo_alpha", "0.5")
+    assert (trainer.loss_types, trainer.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+    simpo, _, _ = build_dpo_trainer(glm4_dir, tmp_path / "s", pairs[:2], "--loss_type", "simpo")
+    assert (simpo.beta, simpo.simpo_gamma, simpo.cpo_alpha) == (2.0, 0.5, 0.0)
+    exo, _, _ = build_dpo_trainer(glm4_dir, tmp_path / "e", pairs[:2], "--loss_type", "exo_pair")
+    assert exo.label_smoothing == pytest.approx(1e-3)  # TRL refuses exo_pair with 0
+    from medtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="desirable_weight applies to --loss_type kto, not sigmoid"):
+        dpo_args(glm4_dir, tmp_path, "--desirable_weight", "2")
+
+
+def test_truncation_mode_keeps_the_prompt_start_or_end(glm4_dir):
+    tokenizer = AutoTokenizer.from_pretrained(glm4_dir)
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    pairs, _ = load_records(PAIRS, "preference")
+    long_pair = replace(pairs[0], prompt=[{"role": "user", "content": "病史：" + "咳嗽三天，" * 60 + "怎么办？"}])
+    full, _ = template.encode_reply(long_pair.prompt, long_pair.chosen)
+    (end,), _ = encode_pairs([long_pair], template, 64)
+    (start,), _ = encode_pairs([long_pair], template, 64, truncation_mode="keep_start")
+    budget = len(end["prompt_ids"])
+    assert end["prompt_ids"] == full[:2] + full[-(budget - 2):]  # [gMASK]<sop> + the question
+    assert start["prompt_ids"] == full[:len(start["prompt_ids"])] and start["prompt_ids"] != end["prompt_ids"]
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n", "identical"], ids=["empty", "whitespace", "identical"])
+def test_no_usable_pair_is_one_line_naming_the_file(glm4_dir, tmp_path, content):
+    from medtune.errors import DataError
+
+    data = tmp_path / "pairs.jsonl"
+    read = 3 if content == "identical" else 0
+    if content == "identical":
+        same = {"question": "发热怎么办？", "response_chosen": "多饮水。", "response_rejected": " 多饮水。"}
+        content = "\n".join(json.dumps(same, ensure_ascii=False) for _ in range(read)) + "\n"
+    data.write_text(content, encoding="utf-8")
+    message = (f"{data}: no usable preference pairs: {read} read, {read} dropped because chosen and rejected are "
+               "identical")
+    out = tmp_path / "out"
+    options = ("--model_name_or_path", str(glm4_dir), "--train_file_dir", str(data), "--output_dir", str(out))
+    if content:
+        with pytest.raises(DataError) as caught:
+            dpo.run_dpo(*parse_arguments(dpo.ARGUMENT_TYPES, list(options)))
+        assert str(caught.value) == message
+    else:  # as a user sees it
+        result = run_medtune("dpo", *options)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"medtune: error: {message}"
+    assert not out.exists()  # nothing written

@@ -6,16 +6,23 @@ Each option is declared once here; a stage combines the dataclasses it needs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
 from medtune.errors import ConfigError
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# The book passes --model_type chatglm/glm4/qwen/llama; we accept them for compatibility and use them only for
-# sanity checks, since the model's own config.json says what it is.
-MODEL_TYPES = ("auto", "chatglm", "glm", "glm4", "qwen", "qwen2", "llama", "llama3")
+# The book passes --model_type chatglm/glm4/qwen/llama. The model's own config.json says what it is, so the name is
+# used as a check: a model of another family (a wrong path in a script) is refused before anything is loaded.
+MODEL_FAMILIES = {
+    "chatglm": ("chatglm", "glm", "glm4"), "glm": ("chatglm", "glm", "glm4"), "glm4": ("chatglm", "glm", "glm4"),
+    "qwen": ("qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"), "qwen2": ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
+    "llama": ("llama",), "llama3": ("llama",),
+}
+MODEL_TYPES = ("auto", *MODEL_FAMILIES)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -37,7 +44,11 @@ class ModelArguments:
         default=None, metadata={"help": "Tokenizer directory if it differs from the model's.",
                                 "aliases": ["--tokenizer_path"]},
     )
-    model_type: str = field(default="auto", metadata={"help": f"Accepted for compatibility: {', '.join(MODEL_TYPES)}."})
+    model_type: str = field(
+        default="auto",
+        metadata={"help": f"The model family the book's scripts name ({', '.join(MODEL_TYPES)}): checked against the "
+                          "model folder's config.json, and a model of another family is refused. auto: no check."},
+    )
     torch_dtype: str = field(
         default="auto",
         metadata={"help": "Weights dtype: auto (bf16/fp16 when that flag is set, else float32; merge: the base's "
@@ -60,6 +71,22 @@ class ModelArguments:
     def __post_init__(self):
         _check_choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
         _check_choice("model_type", self.model_type, MODEL_TYPES)
+        check_model_family(self.model_name_or_path, self.model_type)
+
+
+def check_model_family(model_path: str | None, model_type: str) -> None:
+    """Refuse a local model whose config.json names another family than `--model_type` (hub ids and the default
+    tiny model are not checked here: there is no folder to read yet)."""
+    if model_type == "auto" or not model_path:
+        return
+    config_file = Path(model_path).expanduser() / "config.json"
+    try:
+        found = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return  # no readable config here: the loader reports a missing or broken model folder itself
+    if found and found not in MODEL_FAMILIES[model_type]:
+        raise ConfigError(f"model_type={model_type!r}, but {config_file} says model_type {found!r}; pass the "
+                          "right --model_type (or auto) or the right model folder")
 
 
 @dataclass
@@ -106,7 +133,6 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many evaluation samples."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     data_cache_dir: str | None = field(
         default=None, metadata={"help": "Where tokenized data is cached (default ~/.cache/medtune/tokenized)."}
     )
@@ -256,6 +282,21 @@ class SFTTrainingArguments(StageTrainingArguments):
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
               "exo_pair", "discopop", "sigmoid_norm")
 PREFERENCE_METHODS = DPO_LOSSES + ("orpo", "simpo", "kto")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+# The methods each method-specific option acts on; any other method would ignore it, so setting it there is an error.
+OPTION_METHODS = {
+    "precompute_ref_log_probs": DPO_LOSSES + ("kto",),  # ORPO and SimPO have no reference model
+    "label_smoothing": ("robust", "exo_pair", "simpo"),
+    "rpo_alpha": DPO_LOSSES,
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+}
+# Defaults that depend on the method: the SimPO paper's beta is 2.0 (TRL's CPOConfig keeps DPO's 0.1, which makes
+# SimPO's length-normalised margin tiny); EXO needs a label-smoothing epsilon above 0 (its paper's 1e-3).
+METHOD_BETA = {"simpo": 2.0}
+METHOD_LABEL_SMOOTHING = {"exo_pair": 1e-3}
 
 
 @dataclass
@@ -269,20 +310,67 @@ class DPOTrainingArguments(StageTrainingArguments):
         default="sigmoid",
         metadata={"help": "sigmoid (DPO), ipo, hinge (and TRL's other DPO losses), or orpo, simpo, kto."},
     )
-    beta: float = field(default=0.1, metadata={"help": "Strength of the KL penalty / reward scale (all methods)."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "Strength of the KL penalty / reward scale. Default: 0.1 (DPO losses, ORPO's lambda, KTO); "
+                          "2.0 for SimPO (the SimPO paper's value)."},
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
-        metadata={"help": "Compute reference log-probs once before training (cached on disk by model and data, "
-                          "reused by re-runs and other loss types): no reference forward pass per step."},
+        metadata={"help": "DPO losses and KTO: compute reference log-probs once before training (cached on disk by "
+                          "model and data, reused by re-runs and other loss types): no reference forward pass per "
+                          "step."},
     )
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
-    cpo_alpha: float = field(default=0.0, metadata={"help": "SimPO/CPO: weight of the NLL term on chosen answers."})
+    truncation_mode: str = field(
+        default="keep_end",
+        metadata={"help": "Pairs longer than max_length (every method): keep_end keeps the prompt's end (the "
+                          "question being answered), keep_start keeps its beginning (e.g. a long system prompt); the "
+                          "template's leading tokens always stay, the prompt keeps at least half the budget if the "
+                          "answers need more, and the answers are cut at their end."},
+    )
+    label_smoothing: float | None = field(
+        default=None,
+        metadata={"help": "robust, exo_pair and simpo: the probability that a preference label is wrong. Default: 0, "
+                          "and 1e-3 for exo_pair (its paper's value; it needs one above 0)."},
+    )
+    rpo_alpha: float | None = field(
+        default=None,
+        metadata={"help": "DPO losses: add the chosen answers' NLL weighted by this (RPO; TRL's 'sft' loss term). "
+                          "Default: off."},
+    )
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the losses on chosen answers."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the losses on rejected answers."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO: target reward margin gamma."})
+    cpo_alpha: float = field(default=0.0, metadata={"help": "SimPO: weight of an NLL term on chosen answers "
+                                                            "(CPO-SimPO); 0 is plain SimPO."})
 
     def __post_init__(self):
         if self.loss_type == "dpo":  # what most people call the sigmoid loss
             self.loss_type = "sigmoid"
         _check_choice("loss_type", self.loss_type, PREFERENCE_METHODS)
+        _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        self._refuse_options_the_method_ignores()
+        self.beta = self.method_default("beta") if self.beta is None else self.beta
+        if self.label_smoothing is None:
+            self.label_smoothing = self.method_default("label_smoothing")
         super().__post_init__()
+
+    def method_default(self, name: str):
+        """An option's default for this loss_type (what None means)."""
+        if name == "beta":
+            return METHOD_BETA.get(self.loss_type, 0.1)
+        if name == "label_smoothing":
+            return METHOD_LABEL_SMOOTHING.get(self.loss_type, 0.0)
+        return type(self).__dataclass_fields__[name].default
+
+    def _refuse_options_the_method_ignores(self) -> None:
+        for name, methods in OPTION_METHODS.items():
+            value = getattr(self, name)
+            if self.loss_type in methods or value is None or value == self.method_default(name):
+                continue
+            dpo = set(DPO_LOSSES) <= set(methods)
+            allowed = ", ".join((["the DPO losses"] if dpo else []) + [m for m in methods if not (dpo and m in DPO_LOSSES)])
+            raise ConfigError(f"{name} applies to --loss_type {allowed}, not {self.loss_type}; remove it")
 
 
 EVAL_MODES = ("auto", "likelihood", "generate")

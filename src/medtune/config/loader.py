@@ -2,15 +2,20 @@
 
 `medtune pt --config configs/pt_tiny.yaml --learning_rate 1e-4`: the YAML values are turned into command-line
 tokens placed before the user's own, so both go through the same typed parsing and the command line wins.
-Unknown keys, in the YAML or on the command line, are errors that suggest the closest known name.
+Unknown keys, in the YAML or on the command line, are errors that suggest the closest known name; each YAML value is
+checked on its own first, so a duplicated key, a value of the wrong type or a list where one value belongs is
+reported with the file, line and option.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import enum
+import functools
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,13 @@ EFFECTIVE_CONFIG_NAME = "medtune_config.yaml"
 _NOT_SAVED = {"local_rank", "hub_token", "deepspeed_plugin"}
 
 
+# Names from the book's scripts that medtune does not take, with the reason (instead of a bare "unknown option").
+_REMOVED = {
+    "preprocessing_num_workers": "medtune tokenizes each dataset once and caches it (torchrun ranks and re-runs load "
+                                 "the cache), so there is no tokenization pool to size; remove the option",
+}
+
+
 def _field_names(dataclass_types) -> list[str]:
     return [f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init]
 
@@ -34,41 +46,102 @@ def _aliases(dataclass_types) -> set[str]:
             for alias in f.metadata.get("aliases", [])}
 
 
+def _optional_fields(dataclass_types) -> set[str]:
+    """Fields that accept None (a YAML `null`)."""
+    names = set()
+    for dc in dataclass_types:
+        for name, hint in typing.get_type_hints(dc).items():
+            if type(None) in typing.get_args(hint):
+                names.add(name)
+    return names
+
+
 def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
+    if key in _REMOVED:
+        return ConfigError(f"{where}: {key}: {_REMOVED[key]}")
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown option {key!r}{hint}")
 
 
-def _yaml_to_tokens(path: Path, known: list[str]) -> list[str]:
+def _read_yaml(path: Path) -> list[tuple[str, Any, int]]:
+    """(key, value, line) for every top-level entry of a YAML mapping; a key given twice is an error, not a silent
+    "the later one wins"."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    raw = path.read_bytes()
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the config as "
+                          "UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return []
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"{path}: expected a mapping of option: value")
+        entries: list[tuple[str, Any, int]] = []
+        first_line: dict[str, int] = {}
+        for key_node, value_node in root.value:
+            line = key_node.start_mark.line + 1
+            key = str(loader.construct_object(key_node, deep=True))
+            if key in first_line:
+                raise ConfigError(f"{path}:{line}: {key}: set twice (first on line {first_line[key]}); keep one")
+            first_line[key] = line
+            entries.append((key, loader.construct_object(value_node, deep=True), line))
+        return entries
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
+    finally:
+        loader.dispose()
+
+
+def _value_tokens(key: str, value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *(str(v) for v in value)] if value else []  # an empty list keeps the default
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, dict):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return [f"--{key}={text}"]  # one token, so a value starting with '-' is not taken for an option
+
+
+def _yaml_to_tokens(path: Path, dataclass_types, parser: HfArgumentParser) -> tuple[list[str], dict[str, None]]:
+    """Command-line tokens for the file's values, each checked on its own so a bad value is reported with its file,
+    line and option; and the options the file sets to null."""
+    known = _field_names(dataclass_types)
+    optional = _optional_fields(dataclass_types)
     tokens: list[str] = []
-    for key, value in values.items():
+    nulls: dict[str, None] = {}
+    for key, value, line in _read_yaml(path):
+        where = f"{path}:{line}"
         if key not in known:
-            raise _unknown_key_error(str(key), known, str(path))
-        if value is None or value == []:
-            continue  # null or an empty list: keep the default
-        if isinstance(value, (list, tuple)):
-            tokens.append(f"--{key}")
-            tokens.extend(str(v) for v in value)
+            raise _unknown_key_error(key, known, where)
+        if value is None:
+            if key not in optional:
+                raise ConfigError(f"{where}: {key}: needs a value (null is not allowed here)")
+            nulls[key] = None
             continue
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, dict):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        tokens.append(f"--{key}={text}")  # one token, so a value starting with '-' is not taken for an option
-    return tokens
+        # argparse keeps no public map from option to action; nargs says whether the option takes a list
+        takes_list = parser._option_string_actions[f"--{key}"].nargs in ("+", "*")
+        if isinstance(value, (list, tuple)) and not takes_list:
+            raise ConfigError(f"{where}: {key}: expects one value, got a list")
+        entry = _value_tokens(key, value)
+        try:
+            _, left = parser.parse_known_args(entry)
+        except argparse.ArgumentError as exc:
+            raise ConfigError(f"{where}: {key}: {exc.message}") from None
+        if left:
+            raise ConfigError(f"{where}: {key}: unexpected value {' '.join(left)}")
+        tokens += entry
+    return tokens, nulls
 
 
 def _split_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
@@ -87,7 +160,8 @@ def _split_config_flag(argv: list[str]) -> tuple[Path | None, list[str]]:
 
 
 def build_parser(dataclass_types, prog: str, description: str) -> HfArgumentParser:
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    # exit_on_error=False: a bad value raises, and becomes one `medtune: error:` line naming the option.
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description, exit_on_error=False)
     parser.add_argument_group("config file").add_argument(
         "--config", metavar="YAML", help="YAML file of option: value pairs; command-line options override it."
     )
@@ -99,7 +173,6 @@ def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", des
     dataclass_types = list(dataclass_types)
     known = _field_names(dataclass_types)
     config_path, rest = _split_config_flag(list(argv))
-    tokens = _yaml_to_tokens(config_path, known) if config_path else []
     aliases = _aliases(dataclass_types)
     for token in rest:
         if token.startswith("--") and token not in ("--help",):
@@ -107,10 +180,13 @@ def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", des
             if name not in known and name not in aliases and not (name.startswith("no_") and name[3:] in known):
                 raise _unknown_key_error(name, known, "command line")
     parser = build_parser(dataclass_types, prog, description)
+    tokens, nulls = _yaml_to_tokens(config_path, dataclass_types, parser) if config_path else ([], {})
+    parser.set_defaults(**nulls)  # a YAML null sets None; the command line still wins
     try:
         namespace, remaining = parser.parse_known_args(tokens + rest)
-    except SystemExit:
-        raise
+    except argparse.ArgumentError as exc:
+        name = f"{exc.argument_name.split('/')[0]}: " if exc.argument_name else ""
+        raise ConfigError(f"command line: {name}{exc.message}") from None
     if remaining:
         raise ConfigError(f"command line: unexpected arguments {' '.join(remaining)}")
     values = vars(namespace)
@@ -141,21 +217,39 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _class_defaults(cls) -> dict[str, Any]:
+    """Every option's default as that class declares it (medtune's defaults, not transformers')."""
+    return {name: _plain(value) for name, value in _saved_values(cls()).items()}
+
+
+def _saved_values(instance) -> dict[str, Any]:
+    values = {}
+    for f in dataclasses.fields(instance):
+        if f.init and f.name not in _NOT_SAVED:
+            value = _plain(getattr(instance, f.name))
+            if f.name == "report_to" and isinstance(value, list):
+                value = ",".join(value) or "none"  # the command line takes one string: "none", "all" or a list
+            values[f.name] = value
+    return values
+
+
 def effective_config(*instances) -> dict[str, Any]:
-    """The options that matter: every medtune option, plus Trainer options that differ from their defaults."""
+    """The options that matter: every medtune option, plus Trainer options that differ from the stage's defaults.
+
+    Trainer options are compared with the defaults of the stage's own class (medtune's), not transformers': a value
+    equal to transformers' default but not to medtune's is exactly one that a re-run would otherwise lose."""
     from transformers import TrainingArguments
 
-    defaults = TrainingArguments(output_dir="unused")
     config: dict[str, Any] = {}
     for instance in instances:
-        for f in dataclasses.fields(instance):
-            if not f.init or f.name in _NOT_SAVED:
-                continue
-            value = _plain(getattr(instance, f.name))
-            inherited = isinstance(instance, TrainingArguments) and f.name in TrainingArguments.__dataclass_fields__
-            if inherited and f.name != "output_dir" and value == _plain(getattr(defaults, f.name, object())):
-                continue
-            config[f.name] = value
+        values = _saved_values(instance)
+        if isinstance(instance, TrainingArguments):
+            defaults = _class_defaults(type(instance))
+            values = {name: value for name, value in values.items()
+                      if name == "output_dir" or name not in TrainingArguments.__dataclass_fields__
+                      or value != defaults.get(name, object())}
+        config.update(values)
     return config
 
 

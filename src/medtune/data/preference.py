@@ -1,5 +1,9 @@
 """Preference pairs: validated records -> rendered through the shared ChatTemplate -> token ids that fit
-`max_length` by a stated rule (never dropped for length), or rendered strings for TRL's string-based trainers.
+`max_length` by a stated rule (never dropped for length) -> a dataset cached once for every method.
+
+Every method trains on the template's own ids: DPO, ORPO and SimPO on (prompt, chosen, rejected) rows, KTO on
+(prompt, completion, label) rows, one of each per pair. None of TRL's text paths runs, so no EOS is appended after
+the template's own stop marker or onto a truncated reply.
 
 Pairs whose chosen and rejected answers are identical carry no preference and are dropped with a count.
 """
@@ -8,17 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from medtune.data.cache import build_once, cache_folder, fingerprint
+from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
 from medtune.data.loading import load_records, split_records
 from medtune.data.records import PreferencePair
+from medtune.errors import DataError, Problem
 from medtune.paths import bundled_data_dir
 from medtune.templates.chat import ChatTemplate
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+PAIRED, UNPAIRED = "pairs", "unpaired"  # row shapes: DPO/ORPO/SimPO, and KTO
 
 
 @dataclass
@@ -33,19 +41,31 @@ class PairStats:
         return asdict(self)
 
 
+def _usable_pairs(location, data_format: str | None) -> tuple[list[PreferencePair], int]:
+    """The pairs under `location` that express a preference, and how many did not (chosen == rejected).
+
+    No usable pair at all (an empty or whitespace-only file, or nothing but identical answers) is refused here, with
+    the files and the counts, rather than failing later inside the trainer."""
+    pairs, reports = load_records(location, "preference", data_format)
+    kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
+    dropped = len(pairs) - len(kept)
+    if not kept:
+        files = ", ".join(r.path for r in reports) or str(location)
+        raise DataError([Problem(files, None, None, f"no usable preference pairs: {len(pairs)} read, {dropped} "
+                                                    "dropped because chosen and rejected are identical")])
+    if dropped:
+        logger.warning("%s: dropped %d pairs whose chosen and rejected answers are identical", location, dropped)
+    return kept, dropped
+
+
 def load_pairs(data_args) -> tuple[list[PreferencePair], list[PreferencePair], int]:
     """(train pairs, eval pairs, number dropped because chosen == rejected)."""
     forced = None if data_args.data_format == "auto" else data_args.data_format
-    pairs, _ = load_records(data_args.train_file_dir or bundled_data_dir("reward"), "preference", forced)
-    evaluation = []
+    kept, dropped = _usable_pairs(data_args.train_file_dir or bundled_data_dir("reward"), forced)
     if data_args.validation_file_dir:
-        evaluation, _ = load_records(data_args.validation_file_dir, "preference", forced)
-    kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
-    evaluation = [p for p in evaluation if p.chosen.strip() != p.rejected.strip()]
-    dropped = len(pairs) - len(kept)
-    if dropped:
-        logger.warning("dropped %d pairs whose chosen and rejected answers are identical", dropped)
-    if not data_args.validation_file_dir:
+        evaluation, eval_dropped = _usable_pairs(data_args.validation_file_dir, forced)
+        dropped += eval_dropped
+    else:
         kept, evaluation = split_records(kept, data_args.validation_split_percentage)
     if data_args.max_train_samples is not None:
         kept = kept[: data_args.max_train_samples]
@@ -55,24 +75,28 @@ def load_pairs(data_args) -> tuple[list[PreferencePair], list[PreferencePair], i
 
 
 def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-                  head: list[int] | None = None) -> tuple[list[int], list[int], list[int], bool]:
+                  head: list[int] | None = None, keep: str = "keep_end") -> tuple[list[int], list[int], list[int], bool]:
     """Make prompt + each answer fit `max_length` tokens.
 
-    The prompt keeps its end (the question being answered) -- and its `head`, the template's leading tokens such
-    as [gMASK]<sop>, which every prompt starts with -- with at least half the budget when the answers would need
-    more; both answers are then cut at the end to what remains.
+    The prompt keeps its end (`keep_end`: the question being answered) or its beginning (`keep_start`), and always
+    its `head`, the template's leading tokens such as [gMASK]<sop> that every prompt starts with; it keeps at least
+    half the budget when the answers would need more. Both answers are then cut at the end to what remains.
     """
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected, False
-    prompt_budget = max(max_length - longest, max_length // 2)
+    prompt_budget = min(len(prompt), max(max_length - longest, max_length // 2))
     head = head if head and prompt[: len(head)] == head else []
-    prompt = head + prompt[len(head):][-(prompt_budget - len(head)):]
+    if keep == "keep_start":
+        prompt = prompt[:prompt_budget]
+    else:
+        prompt = head + prompt[len(head):][len(prompt) - prompt_budget:]
     budget = max_length - len(prompt)
     return prompt, chosen[:budget], rejected[:budget], True
 
 
-def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int) -> tuple[list[dict], PairStats]:
+def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int,
+                 truncation_mode: str = "keep_end") -> tuple[list[dict], PairStats]:
     """Rows of prompt_ids / chosen_ids / rejected_ids (the columns TRL's DPO collator reads)."""
     stats = PairStats()
     rows = []
@@ -81,7 +105,8 @@ def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length
         prompt, chosen = template.encode_reply(pair.prompt, pair.chosen)
         prompt_again, rejected = template.encode_reply(pair.prompt, pair.rejected)
         assert prompt == prompt_again  # the prompt renders the same whatever the answer
-        prompt, chosen, rejected, truncated = fit_to_length(prompt, chosen, rejected, max_length, head)
+        prompt, chosen, rejected, truncated = fit_to_length(prompt, chosen, rejected, max_length, head,
+                                                            truncation_mode)
         stats.pairs += 1
         stats.truncated += truncated
         stats.prompt_tokens += len(prompt)
@@ -90,23 +115,99 @@ def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length
     return rows, stats
 
 
-def render_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int) -> tuple[list[dict], PairStats]:
-    """Pairs fitted to `max_length` by the same token rule as DPO, as ids (prompt_ids, chosen_ids, rejected_ids)
-    and as the text those ids decode to (prompt, chosen, rejected), for trainers that want text (KTO) or that
-    medtune feeds ids through their own row hook (ORPO, SimPO)."""
-    rows, stats = encode_pairs(pairs, template, max_length)
-    decode = template.tokenizer.decode
+def paired_rows(rows: list[dict]) -> list[dict]:
+    """DPO/ORPO/SimPO rows, with a `length` column for length-grouped batches (chosen and rejected are padded to
+    the batch's longest)."""
+    return [dict(row, length=len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+            for row in rows]
+
+
+def unpaired_rows(rows: list[dict], seed: int) -> list[dict]:
+    """KTO learns from single answers marked desirable or not: each pair gives one of each.
+
+    KTO estimates its KL term from neighbouring examples in a fixed order (TRL requires sequential sampling), so
+    the rows are shuffled here, by the run's seed."""
+    out = []
     for row in rows:
-        row.update(prompt=decode(row["prompt_ids"]), chosen=decode(row["chosen_ids"]),
-                   rejected=decode(row["rejected_ids"]))
-    return rows, stats
+        out.append({"prompt_ids": row["prompt_ids"], "completion_ids": row["chosen_ids"], "label": True})
+        out.append({"prompt_ids": row["prompt_ids"], "completion_ids": row["rejected_ids"], "label": False})
+    random.Random(seed).shuffle(out)
+    return out
 
 
-def pretokenized(trainer_class):
-    """A CPO-family trainer (ORPO, SimPO) whose rows are built from medtune's ids instead of re-tokenized text, so
-    no EOS is appended after the template's own stop marker or onto a truncated reply."""
+def build_preference_split(pairs: list[PreferencePair], template: ChatTemplate, data_args, training_args,
+                           name: str = "train"):
+    """A `datasets.Dataset` of the rows `training_args.loss_type` trains on, and its statistics.
 
-    class Pretokenized(trainer_class):
+    Tokenize once: the cache key is computed from the pairs' text and every setting that changes the ids, before
+    anything is encoded, so a re-run, a resume or another torchrun rank loads the rows instead of rendering every
+    pair again. The folder is also where TRL keeps precomputed reference log-probs: changed pairs get a new folder,
+    so stale log-probs are never reused, while a re-run or another loss type on the same data finds them there.
+    """
+    import datasets
+
+    shape = UNPAIRED if training_args.loss_type == "kto" else PAIRED
+    key = fingerprint(f"v{CACHE_VERSION}", shape, str(training_args.seed if shape == UNPAIRED else ""),
+                      json.dumps([(p.prompt, p.chosen, p.rejected) for p in pairs], ensure_ascii=False),
+                      tokenizer_fingerprint(template.tokenizer), template.jinja, "|".join(template.stop_strings),
+                      str(data_args.max_length), training_args.truncation_mode)
+
+    def build(scratch: Path) -> None:
+        rows, stats = encode_pairs(pairs, template, data_args.max_length, training_args.truncation_mode)
+        rows = unpaired_rows(rows, training_args.seed) if shape == UNPAIRED else paired_rows(rows)
+        datasets.Dataset.from_list(rows).save_to_disk(str(scratch / "data"))
+        (scratch / "stats.json").write_text(json.dumps(stats.to_dict()))
+
+    folder = build_once(cache_folder(f"preference-{shape}-{name}", key, data_args.data_cache_dir), build,
+                        rebuild=data_args.overwrite_cache)
+    stats = PairStats(**json.loads((folder / "stats.json").read_text()))
+    return datasets.load_from_disk(str(folder / "data")), stats
+
+
+# -- TRL trainers fed medtune's ids -----------------------------------------------------------------------------
+
+def ids_fed_dpo(trainer_class):
+    """DPOTrainer taking prompt_ids/chosen_ids/rejected_ids as they are, and keeping the `length` column."""
+
+    class IdsFedDPOTrainer(trainer_class):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, *args, **kwargs)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "length" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "length"]
+
+    return IdsFedDPOTrainer
+
+
+def ids_fed_kto(trainer_class):
+    """KTOTrainer taking prompt_ids/completion_ids as they are (its own path re-tokenizes text and appends EOS)."""
+
+    class IdsFedKTOTrainer(trainer_class):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "completion_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not self.calculate_KL:
+                return dataset
+
+            def mismatched_completions(batch):
+                # KL pairs: each prompt with its batch neighbour's completion, as TRL's own preparation builds them.
+                completions = batch["completion_ids"]
+                return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+            return dataset.map(mismatched_completions, batched=True, batch_size=args.per_device_train_batch_size,
+                               desc=f"KL completions for {dataset_name}")
+
+    return IdsFedKTOTrainer
+
+
+def ids_fed_cpo_family(trainer_class):
+    """A CPO-family trainer (ORPO, SimPO) whose rows are built from medtune's ids instead of re-tokenized text."""
+
+    class IdsFedTrainer(trainer_class):
         def tokenize_row(self, feature, model=None):
             prompt = list(feature["prompt_ids"])
             row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
@@ -117,28 +218,5 @@ def pretokenized(trainer_class):
                 row[f"{side}_labels"] = [-100] * len(prompt) + answer
             return row
 
-    Pretokenized.__name__ = f"Pretokenized{trainer_class.__name__}"
-    return Pretokenized
-
-
-def unpaired_rows(rows: list[dict]) -> list[dict]:
-    """KTO learns from single answers marked desirable or not: each pair gives one of each."""
-    out = []
-    for row in rows:  # KTO's trainer has no hook for ids: it gets the fitted text
-        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
-        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
-    return out
-
-
-def cached_dataset(rows: list[dict], name: str, identity: str, data_cache_dir: str | None):
-    """Rows saved under a content-addressed folder and loaded back memory-mapped.
-
-    A dataset on disk has a stable fingerprint and a cache folder, which is where TRL keeps precomputed
-    reference log-probs: a re-run, or another loss type on the same model and data, finds them there.
-    """
-    import datasets
-
-    key = fingerprint(f"v{CACHE_VERSION}", identity, json.dumps(rows, ensure_ascii=False, sort_keys=True))
-    folder = build_once(cache_folder(name, key, data_cache_dir),
-                        lambda scratch: datasets.Dataset.from_list(rows).save_to_disk(str(scratch)))
-    return datasets.load_from_disk(str(folder))
+    IdsFedTrainer.__name__ = f"IdsFed{trainer_class.__name__}"
+    return IdsFedTrainer

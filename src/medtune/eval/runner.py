@@ -44,7 +44,8 @@ def make_backend(model_args, eval_args):
     from medtune.eval.backends import LocalBackend
 
     return LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,
-                        model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size)
+                        model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size,
+                        model_args.tokenizer_name_or_path, model_args.attn_implementation)
 
 
 def resolve_mode(eval_args) -> str:
@@ -444,7 +445,8 @@ def run_perplexity(model_args, eval_args) -> dict:
     if eval_args.limit is not None:
         documents = documents[: eval_args.limit]
     backend = LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,
-                           model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size)
+                           model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size,
+                           model_args.tokenizer_name_or_path, model_args.attn_implementation)
     tokenizer = backend.tokenizer
     blocks, stats = group_into_blocks(tokenize_texts((d.text for d in documents), tokenizer), eval_args.block_size,
                                       "pad", tokenizer.pad_token_id)

@@ -21,7 +21,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     """Train and save into training_args.output_dir; returns the final evaluation metrics."""
     from medtune.data.collators import PaddingCollator
     from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
-    from medtune.models.loader import attach_lora
+    from medtune.models.loader import attach_lora, load_chat_template
     from medtune.stages.common import (
         MedtuneTrainer,
         argmax_logits,
@@ -63,7 +63,9 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
         callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats})
+    # Plain text needs no chat template, but a --template given here is saved with the model for sft and inference.
+    chat_template = load_chat_template(model_path, tokenizer, model_args.template).jinja if model_args.template else None
+    return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats}, chat_template=chat_template)
 
 
 def _eval_only(data_args: PretrainDataArguments) -> PretrainDataArguments:
