@@ -55,6 +55,7 @@ def base_model_copy(model: Path, folder: Path, *, eos: str | None = None, chat_t
     if eos is not None:
         config = json.loads((copy / "generation_config.json").read_text())
         config["eos_token_id"] = token_ids(copy, [eos])[0]
+        config["temperature"] = 0.7  # without do_sample, as some published configs have it: must still save
         (copy / "generation_config.json").write_text(json.dumps(config))
     if not chat_template:
         (copy / "chat_template.jinja").unlink(missing_ok=True)

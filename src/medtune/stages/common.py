@@ -208,9 +208,10 @@ def _megabytes(size: int) -> str:
 
 
 @contextlib.contextmanager
-def disk_full_reported(target: Path, partial: Path, needed: int, what_is_left: Callable[[], str]):
+def disk_full_reported(target: Path, partial: Path, needed: Callable[[], int], what_is_left: Callable[[], str]):
     """Turn a full disk while writing `target` into one line naming the file, the space needed and what is left;
-    `partial` (the unfinished folder) is removed first so nothing half-written can be mistaken for a result."""
+    `partial` (the unfinished folder) is removed first so nothing half-written can be mistaken for a result.
+    `needed` and `what_is_left` are only worked out when the disk is full."""
     try:
         yield
     except Exception as exc:
@@ -219,7 +220,7 @@ def disk_full_reported(target: Path, partial: Path, needed: int, what_is_left: C
         shutil.rmtree(partial, ignore_errors=True)
         name = getattr(exc, "filename", None) or str(target)
         free = shutil.disk_usage(next(p for p in (target, *target.parents) if p.exists())).free
-        raise MedtuneError(f"{name}: no space left on device (about {_megabytes(needed)} needed, "
+        raise MedtuneError(f"{name}: no space left on device (about {_megabytes(needed())} needed, "
                            f"{_megabytes(free)} free); the unfinished {partial.name} was removed, {what_is_left()}; free "
                            "some space and run again with --resume_from_checkpoint true") from None
 
@@ -253,9 +254,10 @@ class MedtuneTrainer(Trainer):
 
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        optimizer_state = [t for state in (self.optimizer.state.values() if self.optimizer else [])
-                           for t in state.values() if torch.is_tensor(t)]
-        needed = saved_weight_bytes(self.model) + _tensor_bytes(optimizer_state)
+        def needed() -> int:
+            optimizer_state = getattr(self.optimizer, "state", None) or {}
+            moments = [t for state in optimizer_state.values() for t in state.values() if torch.is_tensor(t)]
+            return saved_weight_bytes(self.model) + _tensor_bytes(moments)
 
         def previous() -> str:
             earlier = [p for p in complete_checkpoints(run_dir) if p != folder]
@@ -314,8 +316,9 @@ def save_final_model(trainer, output_dir: Path) -> None:
     """Save into a staging folder and move the files into output_dir once all are written: a failed save (full
     disk) leaves output_dir as it was."""
     staging = output_dir / STAGING_FOLDER
-    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
-    with disk_full_reported(output_dir, staging, saved_weight_bytes(trainer.model),
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    with disk_full_reported(output_dir, staging, lambda: saved_weight_bytes(trainer.model),
                             lambda: "the checkpoints are intact"):
         trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
@@ -340,7 +343,9 @@ def save_generation_config(model, output_dir: Path, stop_ids: list[int]) -> None
     eos = config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
-    config.save_pretrained(str(output_dir))
+    # written as is: save_pretrained refuses a modified config whose sampling settings it finds inconsistent, which
+    # some published models ship (e.g. a temperature with do_sample false), and the run is done by now
+    config.to_json_file(str(output_dir / "generation_config.json"), use_diff=True)
 
 
 def finish_training(trainer, train_result, tokenizer, extra: dict | None = None, chat_template=None) -> dict:
