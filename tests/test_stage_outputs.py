@@ -134,6 +134,7 @@ def test_second_run_into_a_finished_folder_is_refused_and_leaves_it_as_it_was(gl
     assert folder_snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_on_its_data_keeps_the_folder_config(glm4_dir, tmp_path):
     # A finished run with a checkpoint may be continued (--resume_from_checkpoint true); a continuation that fails
     # before training must not rewrite how the finished run was made.
@@ -150,6 +151,7 @@ def test_a_run_that_fails_on_its_data_keeps_the_folder_config(glm4_dir, tmp_path
 
 # -- resume ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_loss_after_a_resume_averages_the_whole_run(glm4_dir, tmp_path):
     steady = ["--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1", "--save_steps", "3",
               "--validation_split_percentage", "0"]
@@ -222,6 +224,7 @@ def fill_disk_when_saving(monkeypatch, into: str, error) -> None:
 FULL = ["--use_peft", "false", "--max_steps", "4", "--save_steps", "2", "--validation_split_percentage", "0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [no_space, safetensors_no_space])
 def test_disk_full_while_saving_a_checkpoint(glm4_dir, tmp_path, monkeypatch, error):
     fill_disk_when_saving(monkeypatch, "checkpoint-4", error)
@@ -240,6 +243,7 @@ def test_disk_full_while_saving_a_checkpoint(glm4_dir, tmp_path, monkeypatch, er
     assert (tmp_path / "checkpoint-2" / "model.safetensors").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_the_final_model_leaves_no_partial_weights(glm4_dir, tmp_path, monkeypatch):
     fill_disk_when_saving(monkeypatch, STAGING_FOLDER, no_space)
     with pytest.raises(MedtuneError, match="no space left on device") as failure:
@@ -266,6 +270,7 @@ def test_flash_attention_without_flash_attn_falls_back_to_sdpa_with_one_warning(
         "using sdpa instead"]
 
 
+@pytest.mark.slow
 def test_shipped_gpu_config_on_a_cpu_says_bf16_false(glm4_dir, tmp_path):
     from transformers.utils import is_torch_bf16_gpu_available
 
