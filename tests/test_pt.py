@@ -115,6 +115,12 @@ def test_sigkill_then_resume_ends_with_the_same_loss(pt_run, tmp_path):
         return [e["loss"] for e in log_history(out) if "loss" in e and e["step"] == 30][0]
 
     assert abs(final_loss(killed) - final_loss(straight)) < 1e-3
+
+    def train_loss(out: Path) -> float:
+        return json.loads((out / "train_results.json").read_text())["train_loss"]
+
+    # the summary covers all 30 steps, not only those run after the resume
+    assert abs(train_loss(killed) - train_loss(straight)) < 1e-6
     steps_after_resume = [e["step"] for e in log_history(killed) if "loss" in e]
     assert steps_after_resume == list(range(1, 31))  # continued from the checkpoint, no step repeated or lost
 

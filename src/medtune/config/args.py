@@ -266,7 +266,17 @@ class StageTrainingArguments(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        if self.bf16 and not self.use_cpu and not _bf16_accelerator():
+            # the shipped GPU configs set bf16; transformers' own error does not say what to change
+            raise ConfigError("bf16: true needs a GPU with bfloat16 support and none was found; on this machine "
+                              "pass --bf16 false (and --torch_dtype float32) to train in float32")
         super().__post_init__()
+
+
+def _bf16_accelerator() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 @dataclass

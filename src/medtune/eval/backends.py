@@ -40,7 +40,8 @@ class LocalBackend:
 
     def __init__(self, model_path: str | None, adapter: str | None = None, template: str | None = None,
                  torch_dtype: str = "auto", trust_remote_code: bool = False, batch_size: int = 8,
-                 tokenizer_path: str | None = None, attn_implementation: str | None = None):
+                 tokenizer_path: str | None = None, attn_implementation: str | None = None,
+                 needs_chat_template: bool = True):
         import torch
 
         from medtune.models.loader import load_chat_template, load_model, load_tokenizer, resolve_model_path
@@ -51,7 +52,8 @@ class LocalBackend:
         tokenizer_source = tokenizer_path or (
             adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path)
         self.tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
-        self.template = load_chat_template(model_path, self.tokenizer, template)
+        # perplexity scores raw text and needs no chat template (a base model may have none)
+        self.template = load_chat_template(model_path, self.tokenizer, template) if needs_chat_template else None
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch_dtype if torch_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         model = load_model(model_path, torch_dtype=dtype, trust_remote_code=trust_remote_code,

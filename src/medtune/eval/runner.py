@@ -433,20 +433,41 @@ def run_score(eval_args) -> dict:
 
 # -- perplexity --------------------------------------------------------------------------------------------------
 
+def perplexity_documents(eval_args) -> tuple[list, str]:
+    """The documents to measure and a description of them. Without --data_dir: the bundled corpus's held-out
+    documents, split exactly as `medtune pt` splits them by default, so the measure is on text a default pt run
+    never trained on (the rest of that corpus is its training set)."""
+    if eval_args.data_dir:
+        documents, _ = load_records(eval_args.data_dir, "text")
+        return documents, str(eval_args.data_dir)
+    from medtune.config import PretrainDataArguments
+    from medtune.data.pretrain import load_documents
+
+    defaults = PretrainDataArguments()
+    _, held_out = load_documents(defaults)
+    return held_out, (f"{bundled_data_dir('pretrain')}: the {defaults.validation_split_percentage:g}% of documents "
+                      "`medtune pt` holds out by default (validation_split_percentage, fixed seed), not its training "
+                      "part")
+
+
 def run_perplexity(model_args, eval_args) -> dict:
     """Perplexity on held-out text, over blocks built exactly as `medtune pt` builds them."""
     import torch
 
     from medtune.data.blocks import IGNORE_INDEX, group_into_blocks, tokenize_texts
     from medtune.eval.backends import LocalBackend
+    from medtune.models.loader import refuse_output_in_model_folder
 
-    location = eval_args.data_dir or bundled_data_dir("pretrain")
-    documents, _ = load_records(location, "text")
+    refuse_output_in_model_folder(eval_args.output_dir, model_args.model_name_or_path, eval_args.adapter_name_or_path)
+    documents, location = perplexity_documents(eval_args)
+    logger.info("perplexity on %d documents of %s", len(documents), location)
     if eval_args.limit is not None:
         documents = documents[: eval_args.limit]
+    # perplexity scores raw text: a base model without a chat template is fine
     backend = LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,
                            model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size,
-                           model_args.tokenizer_name_or_path, model_args.attn_implementation)
+                           model_args.tokenizer_name_or_path, model_args.attn_implementation,
+                           needs_chat_template=False)
     tokenizer = backend.tokenizer
     blocks, stats = group_into_blocks(tokenize_texts((d.text for d in documents), tokenizer), eval_args.block_size,
                                       "pad", tokenizer.pad_token_id)
@@ -467,7 +488,7 @@ def run_perplexity(model_args, eval_args) -> dict:
         bar.update(len(batch))
     bar.close()
     loss = total_loss / max(total_tokens, 1)
-    results = {"model": backend.name, "data": str(location), "documents": stats.documents, "tokens": stats.tokens,
+    results = {"model": backend.name, "data": location, "documents": stats.documents, "tokens": stats.tokens,
                "predicted_tokens": total_tokens, "loss": loss, "perplexity": math.exp(min(loss, 700)),
                "block_size": eval_args.block_size}
     output_dir = Path(eval_args.output_dir)

@@ -49,6 +49,19 @@ def check_exists(path: str) -> None:
         raise MedtuneError(f"{path}: no such model folder (medtune loads local folders; hub ids need a network)")
 
 
+def refuse_output_in_model_folder(output_dir: str, *model_paths: str | None) -> None:
+    """Writing results into (or under) the folder a model is read from would overwrite or mix with its files."""
+    out = Path(output_dir).expanduser().resolve()
+    for source in model_paths:
+        if not source or not Path(source).expanduser().is_dir():
+            continue  # a hub id has no folder to protect
+        folder = Path(source).expanduser().resolve()
+        if out == folder or folder in out.parents:
+            where = "is" if out == folder else "is inside"
+            raise ConfigError(f"{output_dir}: output_dir {where} the model folder {source}; writing there would "
+                              "overwrite or mix with the model's files: choose another --output_dir")
+
+
 def check_remote_code(path: str, trust_remote_code: bool) -> None:
     """Refuse, with the fix, a model that transformers can only load by running code from the model folder."""
     from transformers import CONFIG_MAPPING
@@ -89,6 +102,32 @@ def resolve_dtype(torch_dtype: str, bf16: bool = False, fp16: bool = False):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[torch_dtype]
 
 
+def usable_attention(attn_implementation: str | None) -> str | None:
+    """flash_attention_2 when flash-attn and a CUDA GPU are there, else sdpa (same results, no varlen kernel):
+    a shipped GPU config then still runs instead of ending in an ImportError."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+        logger.warning("attn_implementation flash_attention_2 needs the flash-attn package and a CUDA GPU (pip "
+                       "install flash-attn); using sdpa instead")
+        return "sdpa"
+    return attn_implementation
+
+
+def weights_format(path: str) -> dict:
+    """Prefer safetensors when a folder has both formats; say so when there is only a pickled pytorch_model.bin
+    (transformers loads it with torch's weights_only loader, which refuses arbitrary code but is slower)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return {}
+    if any(folder.glob("model*.safetensors")):
+        return {"use_safetensors": True}
+    if any(folder.glob("pytorch_model*.bin")):
+        logger.warning("%s has only pytorch_model.bin (no safetensors): loading it with torch.load(weights_only="
+                       "True); saving the model again (e.g. `medtune merge`) writes safetensors", path)
+    return {}
+
+
 def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = None, bf16: bool = False, fp16: bool = False):
     """A causal LM on the CPU (the Trainer or accelerate moves it), in the requested dtype."""
@@ -99,7 +138,8 @@ def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool 
     if fp16 and model_type in _FP16_UNSAFE:
         logger.warning("fp16 training of %s models is known to give NaN or zero loss; prefer --bf16 true", model_type)
     dtype = resolve_dtype(torch_dtype, bf16, fp16)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, **weights_format(path)}
+    attn_implementation = usable_attention(attn_implementation)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -155,3 +195,16 @@ def load_chat_template(model_path: str, tokenizer, name: str | None = None):
     from medtune.templates.chat import ChatTemplate
 
     return ChatTemplate.for_tokenizer(tokenizer, name, generation_stop_ids(model_path))
+
+
+def optional_chat_template(model_path: str, tokenizer, name: str | None = None):
+    """The chat template when the model has one (or one is named), else None: pretraining needs none, but a
+    template it has decides the stop ids its output folder records."""
+    from medtune.templates.chat import TemplateError
+
+    try:
+        return load_chat_template(model_path, tokenizer, name)
+    except TemplateError:
+        if name:
+            raise
+        return None

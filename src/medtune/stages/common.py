@@ -3,10 +3,14 @@ metrics (perplexity, token accuracy), early stopping and the result files a fini
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +18,17 @@ from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medtune.config import save_effective_config
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, MedtuneError
 
 logger = logging.getLogger(__name__)
 
 TRUE_WORDS = {"true", "yes", "1", "latest", "last"}
+# Files only a finished run leaves in output_dir (checkpoints live in checkpoint-N/ subfolders).
+FINISHED_RUN_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+                      "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                      "train_results.json")
+# The final model is written here first and moved into output_dir only once complete.
+STAGING_FOLDER = ".medtune-saving"
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -40,11 +50,24 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [folder for _, folder in sorted(found)]
 
 
+def finished_run_files(output_dir: Path) -> list[str]:
+    return [name for name in FINISHED_RUN_FILES if (output_dir / name).is_file()]
+
+
+def refuse_finished_run(output_dir: Path, reason: str) -> None:
+    """A new run would overwrite the adapter or model a finished run left in output_dir: refuse, saying how on."""
+    found = finished_run_files(output_dir)
+    if found:
+        raise ConfigError(f"{output_dir}: already holds a finished run ({', '.join(found)}) {reason}; choose a new "
+                          "--output_dir, or move that run away first")
+
+
 def resolve_resume_checkpoint(training_args) -> str | None:
     """The checkpoint to resume from: an explicit folder, or the latest in output_dir for 'true'.
 
     A fresh run into a folder that already holds checkpoints is refused: its checkpoints would be mixed with and
-    rotated out by the new run's.
+    rotated out by the new run's. So is a fresh run into a folder holding a finished run (e.g. one trained with
+    --save_strategy no): it would overwrite that run's adapter or model.
     """
     output_dir = Path(training_args.output_dir)
     complete = complete_checkpoints(output_dir)
@@ -54,9 +77,11 @@ def resolve_resume_checkpoint(training_args) -> str | None:
         if any(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
             raise ConfigError(f"{output_dir} already holds checkpoints; pass "
                               "--resume_from_checkpoint true to continue that run, or choose a new output_dir")
+        refuse_finished_run(output_dir, "that this run would overwrite")
         return None
     if str(requested).lower() in TRUE_WORDS:
         if latest is None:
+            refuse_finished_run(output_dir, "and no checkpoint to resume from")
             logger.info("resume requested but %s has no checkpoint yet: starting from scratch", output_dir)
         else:
             skipped = [f.name for f in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f not in complete]
@@ -64,10 +89,23 @@ def resolve_resume_checkpoint(training_args) -> str | None:
                 logger.warning("skipping incomplete checkpoint folders (killed while saving?): %s", ", ".join(skipped))
             logger.info("resuming from %s", latest)
         return latest
-    if not (Path(requested) / "trainer_state.json").is_file():
+    state = Path(requested) / "trainer_state.json"
+    if not state.is_file():
         raise ConfigError(f"{requested}: not a checkpoint folder (no trainer_state.json); pass a checkpoint-N "
                           "folder or 'true' for the latest in output_dir")
+    check_trainer_state(state)
     return str(requested)
+
+
+def check_trainer_state(state: Path) -> None:
+    """A checkpoint killed while saving has a cut trainer_state.json: name it instead of a JSONDecodeError."""
+    advice = "the checkpoint is incomplete (killed while saving?); pass an earlier checkpoint-N or 'true'"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{state}:{exc.lineno}: invalid JSON ({exc.msg}); {advice}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{state}: not valid UTF-8; {advice}") from None
 
 
 def prepare_training(training_args) -> str | None:
@@ -80,27 +118,37 @@ def prepare_training(training_args) -> str | None:
     return resume
 
 
-def start_stage(model_args, training_args, configs: tuple):
-    """What every training stage does first: seed, TensorBoard folder and resume checkpoint; the model path really
-    used (recorded in the saved config); the tokenizer. Returns (resume checkpoint, model path, tokenizer)."""
-    from medtune.models.loader import load_tokenizer, resolve_model_path
+# Effective configs of stages started in this process, written once their model has loaded (see save_run_config).
+_configs_to_save: dict[int, tuple] = {}
 
-    resume = prepare_training(training_args)
+
+def start_stage(model_args, training_args, configs: tuple):
+    """What every training stage does first: refuse an output folder that would overwrite the base model or a
+    finished run; seed, TensorBoard folder and resume checkpoint; the model path really used (recorded in the saved
+    config); the tokenizer. Returns (resume checkpoint, model path, tokenizer)."""
+    from medtune.models.loader import load_tokenizer, refuse_output_in_model_folder, resolve_model_path
+
     model_path = resolve_model_path(model_args.model_name_or_path)
     model_args.model_name_or_path = model_path
-    save_run_config(training_args, configs)
+    refuse_output_in_model_folder(training_args.output_dir, model_path, model_args.tokenizer_name_or_path)
+    resume = prepare_training(training_args)
+    _configs_to_save[id(training_args)] = configs
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
     return resume, model_path, tokenizer
 
 
 def load_training_model(model_path: str, model_args, training_args):
     """The model to train, in the dtype the precision flags imply, with the KV cache off (useless in training,
-    and packed rows need it off to keep conversations apart)."""
+    and packed rows need it off to keep conversations apart). Once it has loaded, the data has been validated
+    too, so the run's effective config is written now."""
     from medtune.models.loader import load_model
 
     model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
                        attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
                        fp16=training_args.fp16)
+    configs = _configs_to_save.pop(id(training_args), None)
+    if configs is not None:
+        save_run_config(training_args, configs)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:
         # the reentrant variant needs inputs that require grad, which a frozen base under LoRA does not give
@@ -148,8 +196,50 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    # safetensors reports a full disk as its own SafetensorError carrying the OS message, not as an OSError
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return type(exc).__name__ == "SafetensorError" and "No space left on device" in str(exc)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+@contextlib.contextmanager
+def disk_full_reported(target: Path, partial: Path, needed: Callable[[], int], what_is_left: Callable[[], str]):
+    """Turn a full disk while writing `target` into one line naming the file, the space needed and what is left;
+    `partial` (the unfinished folder) is removed first so nothing half-written can be mistaken for a result.
+    `needed` and `what_is_left` are only worked out when the disk is full."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        name = getattr(exc, "filename", None) or str(target)
+        free = shutil.disk_usage(next(p for p in (target, *target.parents) if p.exists())).free
+        raise MedtuneError(f"{name}: no space left on device (about {_megabytes(needed())} needed, "
+                           f"{_megabytes(free)} free); the unfinished {partial.name} was removed, {what_is_left()}; free "
+                           "some space and run again with --resume_from_checkpoint true") from None
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def saved_weight_bytes(model) -> int:
+    """What save_model writes: the trainable (adapter) weights under peft, else every weight."""
+    parameters = list(model.parameters())
+    if hasattr(model, "peft_config"):
+        parameters = [p for p in parameters if p.requires_grad]
+    return _tensor_bytes(parameters)
+
+
 class MedtuneTrainer(Trainer):
-    """The transformers Trainer, reporting perplexity next to every evaluation loss."""
+    """The transformers Trainer, reporting perplexity next to every evaluation loss (its loss is a language
+    model's), and naming the file when the disk fills up while a checkpoint is saved."""
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
@@ -159,6 +249,23 @@ class MedtuneTrainer(Trainer):
             output.metrics[f"{prefix}_perplexity"] = perplexity(loss)
         return output
 
+    def _save_checkpoint(self, model, trial):
+        import torch
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        def needed() -> int:
+            optimizer_state = getattr(self.optimizer, "state", None) or {}
+            moments = [t for state in optimizer_state.values() for t in state.values() if torch.is_tensor(t)]
+            return saved_weight_bytes(self.model) + _tensor_bytes(moments)
+
+        def previous() -> str:
+            earlier = [p for p in complete_checkpoints(run_dir) if p != folder]
+            return f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
+
+        with disk_full_reported(folder, folder, needed, previous):
+            super()._save_checkpoint(model, trial)
+
 
 def logged_before_training(log_history: list[dict], key: str):
     """The value of `key` from the evaluation at step 0 (eval_on_start), if there was one."""
@@ -166,19 +273,92 @@ def logged_before_training(log_history: list[dict], key: str):
 
 
 def save_run_config(training_args, configs: tuple) -> None:
-    """Write the effective config first, so even an interrupted run says how it was started."""
+    """Write the effective config once the output folder is known to be usable (checked, data valid, model
+    loaded) and before training, so even an interrupted run says how it was started."""
     if training_args.process_index == 0:
         save_effective_config(training_args.output_dir, *configs)
 
 
-def finish_training(trainer, train_result, tokenizer, extra: dict | None = None, chat_template: str | None = None) -> dict:
-    """Save the model/adapter, tokenizer (with the chat template it was trained with), metrics and log history.
+def whole_run_train_loss(log_history: list[dict], resumed_at: int, last_step: int, loss_since_resume: float) -> float:
+    """The mean training loss over every step of a run resumed at step `resumed_at`.
 
-    Returns the final evaluation metrics (empty without an eval set). Only the main process writes.
+    The Trainer averages only the steps it ran itself; the steps before the resume are in the checkpoint's log
+    history, each logged loss the mean over the steps since the previous one. Steps before the resume that were
+    never logged (logging_steps not dividing the checkpoint step) cannot be recovered and are left out.
+    """
+    total, covered, previous = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and previous < step <= resumed_at:
+            total += entry["loss"] * (step - previous)
+            covered += step - previous
+            previous = step
+    if covered < resumed_at:
+        logger.warning("train_loss leaves out steps %d-%d: their loss was not logged before the resume",
+                       covered + 1, resumed_at)
+    steps_since = last_step - resumed_at
+    return (total + loss_since_resume * steps_since) / max(covered + steps_since, 1)
+
+
+def correct_train_loss_after_resume(trainer, metrics: dict) -> None:
+    resumed_at = getattr(trainer, "_initial_global_step", 0)  # where this train() call started
+    if not resumed_at or "train_loss" not in metrics:
+        return
+    whole = whole_run_train_loss(trainer.state.log_history, resumed_at, trainer.state.global_step,
+                                 metrics["train_loss"])
+    metrics["train_loss"] = whole
+    for entry in trainer.state.log_history:  # the summary the Trainer logged, saved in trainer_state.json
+        if "train_loss" in entry:
+            entry["train_loss"] = whole
+
+
+def save_final_model(trainer, output_dir: Path) -> None:
+    """Save into a staging folder and move the files into output_dir once all are written: a failed save (full
+    disk) leaves output_dir as it was."""
+    staging = output_dir / STAGING_FOLDER
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    with disk_full_reported(output_dir, staging, lambda: saved_weight_bytes(trainer.model),
+                            lambda: "the checkpoints are intact"):
+        trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        for item in staging.iterdir():
+            os.replace(item, output_dir / item.name)
+        staging.rmdir()
+
+
+def stop_token_ids(chat_template) -> list[int]:
+    return list(getattr(chat_template, "stop_token_ids", None) or [])
+
+
+def save_generation_config(model, output_dir: Path, stop_ids: list[int]) -> None:
+    """generation_config.json with the chat template's stop ids added to eos_token_id, so vLLM and plain
+    `generate()` stop where the model was taught to; written for adapters too (peft saves none)."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None)
+    config = copy.deepcopy(config) if config is not None else GenerationConfig.from_model_config(model.config)
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
+    # written as is: save_pretrained refuses a modified config whose sampling settings it finds inconsistent, which
+    # some published models ship (e.g. a temperature with do_sample false), and the run is done by now
+    config.to_json_file(str(output_dir / "generation_config.json"), use_diff=True)
+
+
+def finish_training(trainer, train_result, tokenizer, extra: dict | None = None, chat_template=None) -> dict:
+    """Save the model/adapter, tokenizer (with the chat template it was trained with), generation config (with the
+    template's stop ids), metrics and log history.
+
+    `chat_template` is the stage's ChatTemplate (or its Jinja text). Returns the final evaluation metrics (empty
+    without an eval set). Only the main process writes.
     """
     output_dir = Path(trainer.args.output_dir)
-    trainer.save_model(str(output_dir))
+    save_final_model(trainer, output_dir)
     metrics = dict(train_result.metrics)
+    correct_train_loss_after_resume(trainer, metrics)
     # Preference trainers log rewards/* per step; the last values belong with the run's results.
     for entry in trainer.state.log_history:
         metrics.update({key: value for key, value in entry.items() if key.startswith("rewards/")})
@@ -192,15 +372,19 @@ def finish_training(trainer, train_result, tokenizer, extra: dict | None = None,
         before = logged_before_training(trainer.state.log_history, "eval_loss")
         if before is not None:
             eval_metrics["eval_loss_before_training"] = before
-            eval_metrics["eval_perplexity_before_training"] = perplexity(before)
+            # Only a language model's loss has a perplexity; exp(DPO loss) would be a meaningless number.
+            if isinstance(trainer, MedtuneTrainer):
+                eval_metrics["eval_perplexity_before_training"] = perplexity(before)
         if main_process:
             trainer.log_metrics("eval", eval_metrics)
             trainer.save_metrics("eval", eval_metrics, combined=False)
     trainer.save_state()
     if main_process:
-        if chat_template:
+        save_generation_config(trainer.model, output_dir, stop_token_ids(chat_template))
+        jinja = getattr(chat_template, "jinja", chat_template)
+        if jinja:
             # A forced --template becomes the saved tokenizer's own, so chat/serve/eval render exactly as trained.
-            tokenizer.chat_template = chat_template
+            tokenizer.chat_template = jinja
         tokenizer.save_pretrained(str(output_dir))
         if extra:
             for name, payload in extra.items():

@@ -112,4 +112,4 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
         trainer.add_callback(callback)
     train_result = trainer.train(resume_from_checkpoint=resume)
     return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
-                           chat_template=template.jinja)
+                           chat_template=template)

@@ -21,7 +21,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     """Train and save into training_args.output_dir; returns the final evaluation metrics."""
     from medtune.data.collators import PaddingCollator
     from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
-    from medtune.models.loader import attach_lora, load_chat_template
+    from medtune.models.loader import attach_lora, optional_chat_template
     from medtune.stages.common import (
         MedtuneTrainer,
         argmax_logits,
@@ -46,6 +46,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
         else:
             train_set, eval_set, stats = prepare_block_datasets(data_args, tokenizer)
     callbacks = configure_evaluation(training_args, eval_set is not None)
+    template = optional_chat_template(model_path, tokenizer, model_args.template)
 
     model = load_training_model(model_path, model_args, training_args)
     if lora_args.use_peft:
@@ -63,9 +64,8 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
         callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    # Plain text needs no chat template, but a --template given here is saved with the model for sft and inference.
-    chat_template = load_chat_template(model_path, tokenizer, model_args.template).jinja if model_args.template else None
-    return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats}, chat_template=chat_template)
+    return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
+                           chat_template=template)
 
 
 def _eval_only(data_args: PretrainDataArguments) -> PretrainDataArguments:

@@ -67,7 +67,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     stats = {"train": train_stats.to_dict(), **({"eval": eval_stats.to_dict()} if eval_stats else {}),
              "template": template.name, "packing": data_args.packing}
     return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
-                           chat_template=template.jinja)
+                           chat_template=template)
 
 
 def checked_template(model_args):
