@@ -208,3 +208,12 @@ def optional_chat_template(model_path: str, tokenizer, name: str | None = None):
         if name:
             raise
         return None
+
+
+def add_stop_ids(generation_config, stop_ids: list[int]) -> list[int]:
+    """eos_token_id becomes the base's eos ids plus the template's stop ids, so vLLM and plain `generate()` stop at
+    the end of an assistant turn (`<|im_end|>`, GLM-4's `<|user|>`, `<|eot_id|>`)."""
+    eos = generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    generation_config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
+    return generation_config.eos_token_id

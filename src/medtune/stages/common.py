@@ -338,11 +338,11 @@ def save_generation_config(model, output_dir: Path, stop_ids: list[int]) -> None
 
     from transformers import GenerationConfig
 
+    from medtune.models.loader import add_stop_ids
+
     config = getattr(model, "generation_config", None)
     config = copy.deepcopy(config) if config is not None else GenerationConfig.from_model_config(model.config)
-    eos = config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
+    add_stop_ids(config, stop_ids)
     # written as is: save_pretrained refuses a modified config whose sampling settings it finds inconsistent, which
     # some published models ship (e.g. a temperature with do_sample false), and the run is done by now
     config.to_json_file(str(output_dir / "generation_config.json"), use_diff=True)

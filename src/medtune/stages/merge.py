@@ -168,15 +168,6 @@ def chat_template_or_none(tokenizer, name: str | None, known_stop_ids: list[int]
         return None
 
 
-def add_stop_ids(generation_config, stop_ids: list[int]) -> list[int]:
-    """eos_token_id becomes the base's eos ids plus the template's stop ids, so vLLM and plain `generate()` stop at
-    the end of an assistant turn (`<|im_end|>`, GLM-4's `<|user|>`, `<|eot_id|>`)."""
-    eos = generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    generation_config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
-    return generation_config.eos_token_id
-
-
 def probe_inputs(tokenizer, template):
     import torch
 
@@ -322,7 +313,13 @@ def explain_failed_write(staging: Path, needed: int):
 def run_merge(model_args: ModelArguments, args: MergeArguments) -> Path:
     import torch
 
-    from medtune.models.loader import generation_stop_ids, load_model, load_tokenizer, read_model_config
+    from medtune.models.loader import (
+        add_stop_ids,
+        generation_stop_ids,
+        load_model,
+        load_tokenizer,
+        read_model_config,
+    )
 
     lora_dir, output_dir = Path(args.lora_model), Path(args.output_dir)
     adapter_config = read_adapter_config(lora_dir)
