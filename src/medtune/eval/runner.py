@@ -127,8 +127,12 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
     from medtune.eval.backends import Choice
 
     todo = [i for i in items if i.id not in done]
+    if mode == "likelihood":
+        # Single-choice prompts share forward passes: kept together, every pass gets exactly --batch_size of them,
+        # longest first (as lm-evaluation-harness orders them) so that a pass's prompts need little padding.
+        todo.sort(key=lambda i: (i.multiple, -len(i.question) - sum(map(len, i.options.values()))))
     bar = progress(len(items), len(items) - len(todo), "cmb-exam")
-    chunk = max(1, eval_args.batch_size) if mode == "generate" else max(1, eval_args.batch_size // 2)
+    chunk = max(1, eval_args.batch_size)
     for start in range(0, len(todo), chunk):
         batch = todo[start:start + chunk]
         conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots), eval_args.cot, eval_args.official)
