@@ -60,7 +60,7 @@ def reference_scores(model, template, messages, letters: str, multiple: bool) ->
 def test_likelihood_scores_equal_a_full_rendering_reference(model_folder, request):
     folder = request.getfixturevalue(model_folder)
     items, _ = load_records(CMB / "test.json", "exam")
-    items = items[:40] + [i for i in items if i.multiple][:8]
+    items = [i for i in items if not i.multiple][:24] + [i for i in items if i.multiple][:4]
     backend = LocalBackend(str(folder), batch_size=16)
     choices = [Choice(item_messages(i, []), "".join(i.options), i.multiple) for i in items]
     batched = backend.choose(choices)
@@ -113,8 +113,8 @@ def test_runner_sends_the_model_exactly_batch_size_prompts(glm4_dir, tmp_path):
     eval_args = EvalArguments(batch_size=4, output_dir=str(tmp_path))
     tmp_path.mkdir(exist_ok=True)
     answers = runner.predict_exam(mixed, [], backend, eval_args, "likelihood", tmp_path, {})
-    # 8 single-choice prompts in two passes of 4; each multiple-choice prompt once, then its 26 candidate replies
-    # (sets of 2-5 of 5 letters) 4 at a time on the prompt's KV cache
+    # 8 single-choice prompts: two passes of 4, each after one pass over the start they share; each multiple-choice
+    # prompt once, then its 26 candidate replies (sets of 2-5 of 5 letters) 4 at a time on the prompt's KV cache
     per_multiple = [(1, False)] + [(4, True)] * 6 + [(2, True)]
-    assert calls == [(4, False), (4, False)] + per_multiple * 2
+    assert calls == [(1, False), (4, True)] * 2 + per_multiple * 2
     assert list(answers) == [i.id for i in mixed] and all(len(answers[i.id]) >= 2 for i in multiple)

@@ -8,8 +8,8 @@ every candidate shares -- e.g. the "\n" that starts a GLM-4-9B-Chat reply, whose
 model writes it, whatever the template puts before it.
 
 - Single choice (单项选择题): the log-probability of each option letter as the first answer token, which is how
-  lm-evaluation-harness scores a one-token continuation (predictions identical, checked by the benchmark). Prompts
-  are left-padded into batches of exactly `batch_size`; only the last position goes through the output head.
+  lm-evaluation-harness scores a one-token continuation (predictions identical, checked by the benchmark), in
+  batches of exactly `batch_size` prompts whose common beginning runs once (`next_token_log_probs`).
 - Multiple choice (多项选择题): the candidates are the sets of two or more option letters (CMB's multiple-choice
   answers always have two or more; a single letter is never right), each written as the sorted letters plus the
   template's stop marker, ranked by the mean log-probability per token of that reply. Why the mean: a summed
@@ -104,6 +104,11 @@ class LocalBackend:
     # -- likelihood -------------------------------------------------------------------------------------------
 
     @functools.cached_property
+    def _reply_frames(self) -> set[tuple[str, str]]:
+        """(head, tail) pairs seen to frame every answer the same way in this template's replies."""
+        return set()
+
+    @functools.cached_property
     def cache_keyword(self) -> str:
         """The KV-cache argument and output name: `cache` in newer transformers 5.x, `past_key_values` before."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -112,15 +117,15 @@ class LocalBackend:
     def reply_texts(self, messages: list[dict[str, str]], names: list[str]) -> tuple[str, list[str]]:
         """The rendered prompt and each candidate's reply text exactly as the template renders it in training."""
         prompt_text, first = self.template.prompt_and_reply(messages, names[0])
-        if len(names) == 1:
-            return prompt_text, [first]
-        # Templates write a reply as head + answer + tail (e.g. "\n" + "A" + stop marker): a second rendering
-        # confirms that, and the other candidates then need no rendering of their own.
-        last = self.template.prompt_and_reply(messages, names[-1])[1]
-        head, _, tail = first.partition(names[0])
-        if first == head + names[0] + tail and last == head + names[-1] + tail:
+        head, found, tail = first.partition(names[0])
+        # Templates write a reply as head + answer + tail (e.g. "\n" + "A" + stop marker). A second rendering
+        # confirms that once per (head, tail); then the other candidates need no rendering of their own.
+        if found and (head, tail) not in self._reply_frames and len(names) > 1:
+            if self.template.prompt_and_reply(messages, names[-1])[1] == head + names[-1] + tail:
+                self._reply_frames.add((head, tail))
+        if found and (head, tail) in self._reply_frames:
             return prompt_text, [head + name + tail for name in names]
-        return prompt_text, [self.template.prompt_and_reply(messages, name)[1] for name in names]
+        return prompt_text, [first] + [self.template.prompt_and_reply(messages, name)[1] for name in names[1:]]
 
     def scoring_plans(self, choices: list[Choice]) -> list[ScoringPlan | None]:
         """Each question's context and candidate tokens (None: no option to choose); one tokenizer call for all."""
@@ -159,21 +164,33 @@ class LocalBackend:
         return [(max(s, key=s.get) if s else "", s) for s in scores]
 
     def next_token_log_probs(self, prompts: list[list[int]]):
-        """Log-softmax over the vocabulary after each prompt: one left-padded forward pass (a [rows, vocab] tensor)."""
+        """Log-softmax over the vocabulary after each prompt, a [rows, vocab] tensor on the CPU.
+
+        The tokens every prompt starts with (the template's head, the CMB instruction of one exam class, shared
+        few-shot examples) run once, and their KV cache serves all rows. The rest of each prompt is right-padded,
+        which causal attention never lets a real token see, so no attention mask is needed; only each prompt's last
+        position goes through the output head."""
         import torch
 
-        width = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            # left padding puts every prompt's last token at -1, so only that position needs the output head
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention[row, width - len(prompt):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # positions as if each prompt were alone
+        shared = shared_prefix_length(prompts)
+        cache = {}
+        if shared:
+            with torch.no_grad():
+                out = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), use_cache=True,
+                                 logits_to_keep=1)
+            out[self.cache_keyword].batch_repeat_interleave(len(prompts))
+            cache = {self.cache_keyword: out[self.cache_keyword]}
+        rests = [prompt[shared:] for prompt in prompts]
+        input_ids = torch.full((len(rests), max(map(len, rests))), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, rest in enumerate(rests):
+            input_ids[row, :len(rest)] = torch.tensor(rest)
+        last = torch.tensor([len(rest) - 1 for rest in rests])
+        keep = torch.unique(last)  # sorted: each row's own last position is column searchsorted(keep, last)
         with torch.no_grad():
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                position_ids=positions.to(self.device), logits_to_keep=1).logits
-        return torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+            logits = self.model(input_ids=input_ids.to(self.device), use_cache=bool(cache),
+                                logits_to_keep=keep.to(self.device), **cache).logits
+        rows = logits[torch.arange(len(rests)), torch.searchsorted(keep, last).to(self.device)]
+        return torch.log_softmax(rows.float(), dim=-1).cpu()
 
     def score_replies(self, plan: ScoringPlan, mean: bool) -> dict[str, float]:
         """Each candidate's summed (or, with `mean`, per-token mean) log-probability after the context; the context

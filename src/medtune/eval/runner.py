@@ -128,9 +128,11 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
 
     todo = [i for i in items if i.id not in done]
     if mode == "likelihood":
-        # Single-choice prompts share forward passes: kept together, every pass gets exactly --batch_size of them,
-        # longest first (as lm-evaluation-harness orders them) so that a pass's prompts need little padding.
-        todo.sort(key=lambda i: (i.multiple, -len(i.question) - sum(map(len, i.options.values()))))
+        # Single-choice prompts share forward passes: kept together, every pass gets exactly --batch_size of them.
+        # Grouped by exam class, a pass's prompts start alike (the shared start runs once); longest first within a
+        # class (as lm-evaluation-harness orders them), they need little padding.
+        todo.sort(key=lambda i: (i.multiple, i.exam_type, i.exam_class,
+                                 -len(i.question) - sum(map(len, i.options.values()))))
     bar = progress(len(items), len(items) - len(todo), "cmb-exam")
     chunk = max(1, eval_args.batch_size)
     for start in range(0, len(todo), chunk):
