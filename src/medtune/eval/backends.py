@@ -202,7 +202,7 @@ class LocalBackend:
                              logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
         totals = [first[ids[0]].item() for _, ids in plan.candidates]
-        cache, length = out[self.cache_keyword], len(plan.context)
+        cache = out[self.cache_keyword]
         for start in range(0, len(plan.candidates), self.batch_size):
             group = plan.candidates[start:start + self.batch_size]
             width = max(len(ids) for _, ids in group) - 1  # each reply token is predicted from the ones before it
@@ -215,13 +215,10 @@ class LocalBackend:
                 fed[row, :len(ids) - 1] = torch.tensor(ids[:-1])
                 targets[row, :len(ids) - 1] = torch.tensor(ids[1:])
                 real[row, :len(ids) - 1] = True
-            # right padding: a reply's own tokens never attend to the padding after them (causal attention)
-            attention = torch.ones((len(group), length + width), dtype=torch.long, device=self.device)
-            positions = torch.arange(length, length + width, device=self.device).expand(len(group), -1)
             cache.batch_repeat_interleave(len(group))
-            with torch.no_grad():
-                logits = self.model(input_ids=fed.to(self.device), attention_mask=attention, position_ids=positions,
-                                    use_cache=True, **{self.cache_keyword: cache}).logits
+            with torch.no_grad():  # right-padded: causal attention keeps the padding out of every real token
+                logits = self.model(input_ids=fed.to(self.device), use_cache=True,
+                                    **{self.cache_keyword: cache}).logits
             cache.crop(-width)  # back to the shared context, one row, for the next group
             cache.batch_select_indices(torch.tensor([0], device=self.device))
             picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(self.device).unsqueeze(-1))
