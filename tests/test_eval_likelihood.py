@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from medtune.config import EvalArguments
 from medtune.data.loading import load_records
 from medtune.eval import runner
-from medtune.eval.backends import Choice, LocalBackend, answer_candidates
+from medtune.eval.backends import Choice, LocalBackend, answer_candidates, shared_start_length
 from medtune.eval.cmb import item_messages
 from medtune.models.loader import load_chat_template
 
@@ -98,6 +98,13 @@ def test_multiple_choice_candidates_are_sets_of_two_or_more_letters():
     assert answer_candidates("ABC", False) == ["A", "B", "C"]
 
 
+def test_distinct_prompt_starts_are_shared_where_that_saves_the_most_tokens():
+    assert shared_start_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9, 9]]) == 2  # 2 tokens saved twice > 3 once
+    assert shared_start_length([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 4, 8, 8], [1, 2, 3, 4, 8, 9]]) == 4
+    assert shared_start_length([[5, 1, 2], [5, 1, 2], [6, 1, 2]]) == 2  # each prompt keeps a token of its own
+    assert shared_start_length([[1, 2], [3, 4]]) == 0 and shared_start_length([[1, 2, 3]]) == 0
+
+
 def test_runner_sends_the_model_exactly_batch_size_prompts(glm4_dir, tmp_path):
     items, _ = load_records(CMB / "test.json", "exam")
     single = [i for i in items if not i.multiple][:8]
@@ -113,8 +120,12 @@ def test_runner_sends_the_model_exactly_batch_size_prompts(glm4_dir, tmp_path):
     eval_args = EvalArguments(batch_size=4, output_dir=str(tmp_path))
     tmp_path.mkdir(exist_ok=True)
     answers = runner.predict_exam(mixed, [], backend, eval_args, "likelihood", tmp_path, {})
-    # 8 single-choice prompts: two passes of 4, each after one pass over the start they share; each multiple-choice
-    # prompt once, then its 26 candidate replies (sets of 2-5 of 5 letters) 4 at a time on the prompt's KV cache
+    # 8 single-choice prompts: two passes of exactly 4, each after one pass over their distinct starts (at most 4);
+    # each multiple-choice prompt once, then its 26 candidate replies (sets of 2-5 of 5 letters) 4 at a time on the
+    # prompt's KV cache
+    assert [cached for _, cached in calls[:4]] == [False, True, False, True]
+    assert [rows for rows, cached in calls[:4] if cached] == [4, 4]
+    assert all(rows <= 4 for rows, _ in calls[:4])
     per_multiple = [(1, False)] + [(4, True)] * 6 + [(2, True)]
-    assert calls == [(1, False), (4, True)] * 2 + per_multiple * 2
+    assert calls[4:] == per_multiple * 2
     assert list(answers) == [i.id for i in mixed] and all(len(answers[i.id]) >= 2 for i in multiple)

@@ -66,13 +66,29 @@ class ScoringPlan:
     first_token_decides: bool  # single choice whose candidates differ in their first token
 
 
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def shared_prefix_length(sequences: list[list[int]]) -> int:
     """How many leading tokens all sequences share, leaving every sequence at least one token of its own."""
-    shortest = min(len(s) for s in sequences)
-    length = 0
-    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
-        length += 1
-    return length
+    return min([common_length(sequences[0], s) for s in sequences] + [len(s) - 1 for s in sequences])
+
+
+def shared_start_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens to run once per distinct start of `prompts` rather than once per prompt: the length
+    that saves the most tokens, leaving every prompt at least one token of its own (0: no start worth sharing)."""
+    limit = min(len(p) for p in prompts) - 1
+    ordered = sorted(prompts)
+    agree = [common_length(a, b) for a, b in zip(ordered, ordered[1:])]
+    best, best_saving = 0, 0
+    for length in sorted({min(n, limit) for n in agree} | {limit}):
+        # in sorted order, each neighbour agreeing on fewer than `length` tokens begins another distinct start
+        saving = length * (len(prompts) - 1 - sum(n < length for n in agree))
+        if saving > best_saving:
+            best, best_saving = length, saving
+    return best
 
 
 class LocalBackend:
@@ -166,21 +182,22 @@ class LocalBackend:
     def next_token_log_probs(self, prompts: list[list[int]]):
         """Log-softmax over the vocabulary after each prompt, a [rows, vocab] tensor on the CPU.
 
-        The tokens every prompt starts with (the template's head, the CMB instruction of one exam class, shared
-        few-shot examples) run once, and their KV cache serves all rows. The rest of each prompt is right-padded,
-        which causal attention never lets a real token see, so no attention mask is needed; only each prompt's last
-        position goes through the output head."""
+        Prompts of one exam class start alike (template head, CMB instruction, shared few-shot examples): each
+        distinct start runs once and its KV cache serves every prompt that begins with it (`shared_start_length`).
+        The rest of each prompt is right-padded, which causal attention never lets a real token see, so no
+        attention mask is needed; only each prompt's last position goes through the output head."""
         import torch
 
-        shared = shared_prefix_length(prompts)
+        length = shared_start_length(prompts)
         cache = {}
-        if shared:
+        if length:
+            starts = list(dict.fromkeys(tuple(prompt[:length]) for prompt in prompts))
             with torch.no_grad():
-                out = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device), use_cache=True,
-                                 logits_to_keep=1)
-            out[self.cache_keyword].batch_repeat_interleave(len(prompts))
+                out = self.model(input_ids=torch.tensor(starts, device=self.device), use_cache=True, logits_to_keep=1)
+            own_start = [starts.index(tuple(prompt[:length])) for prompt in prompts]
+            out[self.cache_keyword].batch_select_indices(torch.tensor(own_start, device=self.device))
             cache = {self.cache_keyword: out[self.cache_keyword]}
-        rests = [prompt[shared:] for prompt in prompts]
+        rests = [prompt[length:] for prompt in prompts]
         input_ids = torch.full((len(rests), max(map(len, rests))), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, rest in enumerate(rests):
             input_ids[row, :len(rest)] = torch.tensor(rest)
