@@ -124,6 +124,8 @@ class LocalBackend:
         """(head, tail) pairs seen to frame every answer the same way in this template's replies."""
         return set()
 
+    _kept_starts: tuple[int, list[tuple[int, ...]], object] | None = None  # see _starts_for
+
     @functools.cached_property
     def cache_keyword(self) -> str:
         """The KV-cache argument and output name: `cache` in newer transformers 5.x, `past_key_values` before."""
@@ -183,31 +185,49 @@ class LocalBackend:
         """Log-softmax over the vocabulary after each prompt, a [rows, vocab] tensor on the CPU.
 
         Prompts of one exam class start alike (template head, CMB instruction, shared few-shot examples): each
-        distinct start runs once and its KV cache serves every prompt that begins with it (`shared_start_length`).
-        The rest of each prompt is right-padded, which causal attention never lets a real token see, so no
-        attention mask is needed; only each prompt's last position goes through the output head."""
+        distinct start runs once and its KV cache serves every prompt that begins with it (`shared_start_length`);
+        the starts are kept for the next batch, which usually begins with the same ones. The rest of each prompt is
+        right-padded, which causal attention never lets a real token see, so no attention mask is needed; only each
+        prompt's last position goes through the output head."""
         import torch
 
-        length = shared_start_length(prompts)
-        cache = {}
-        if length:
-            starts = list(dict.fromkeys(tuple(prompt[:length]) for prompt in prompts))
-            with torch.no_grad():
-                out = self.model(input_ids=torch.tensor(starts, device=self.device), use_cache=True, logits_to_keep=1)
-            own_start = [starts.index(tuple(prompt[:length])) for prompt in prompts]
-            out[self.cache_keyword].batch_select_indices(torch.tensor(own_start, device=self.device))
-            cache = {self.cache_keyword: out[self.cache_keyword]}
+        length, starts, cache = self._starts_for(prompts)
         rests = [prompt[length:] for prompt in prompts]
         input_ids = torch.full((len(rests), max(map(len, rests))), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, rest in enumerate(rests):
             input_ids[row, :len(rest)] = torch.tensor(rest)
         last = torch.tensor([len(rest) - 1 for rest in rests])
         keep = torch.unique(last)  # sorted: each row's own last position is column searchsorted(keep, last)
+        if cache is not None:
+            own_start = [starts.index(tuple(prompt[:length])) for prompt in prompts]
+            cache.batch_select_indices(torch.tensor(own_start, device=self.device))
         with torch.no_grad():
-            logits = self.model(input_ids=input_ids.to(self.device), use_cache=bool(cache),
-                                logits_to_keep=keep.to(self.device), **cache).logits
+            logits = self.model(input_ids=input_ids.to(self.device), use_cache=cache is not None,
+                                logits_to_keep=keep.to(self.device),
+                                **({self.cache_keyword: cache} if cache is not None else {})).logits
+        if cache is not None:  # back to one row per start this batch used, kept for the next batch
+            used = sorted(set(own_start))
+            cache.crop(-input_ids.shape[1])
+            cache.batch_select_indices(torch.tensor([own_start.index(k) for k in used], device=self.device))
+            self._kept_starts = (length, [starts[k] for k in used], cache)
         rows = logits[torch.arange(len(rests)), torch.searchsorted(keep, last).to(self.device)]
         return torch.log_softmax(rows.float(), dim=-1).cpu()
+
+    def _starts_for(self, prompts: list[list[int]]) -> tuple[int, list[tuple[int, ...]], object | None]:
+        """(start length, the distinct starts, their KV cache with one row each); (0, [], None) when no start is
+        worth sharing. The previous batch's starts serve again when every prompt begins with one of them."""
+        import torch
+
+        kept, self._kept_starts = self._kept_starts, None  # the cache is about to change: kept again once restored
+        if kept and all(len(p) > kept[0] and tuple(p[:kept[0]]) in kept[1] for p in prompts):
+            return kept
+        length = shared_start_length(prompts)
+        if not length:
+            return 0, [], None
+        starts = list(dict.fromkeys(tuple(prompt[:length]) for prompt in prompts))
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor(starts, device=self.device), use_cache=True, logits_to_keep=1)
+        return length, starts, out[self.cache_keyword]
 
     def score_replies(self, plan: ScoringPlan, mean: bool) -> dict[str, float]:
         """Each candidate's summed (or, with `mean`, per-token mean) log-probability after the context; the context
