@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lm_eval_python", default=None, help="A Python with lm-eval installed: compare with it.")
-    parser.add_argument("--repeats", type=int, default=3, help="Rounds of the single-choice scoring loops (best kept).")
+    parser.add_argument("--repeats", type=int, default=5, help="Rounds of the single-choice scoring loops (best kept).")
     parser.add_argument("--lm_eval_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lm_eval_worker:
