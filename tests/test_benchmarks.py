@@ -22,6 +22,10 @@ def test_train_throughput_prints_json_lines():
 
 
 def test_eval_throughput_prints_json_lines():
-    rows = run_script("benchmarks/eval_throughput.py", "--items", "6", "--generate_items", "2", "--max_new_tokens", "4")
-    assert rows[0]["mode"] == "likelihood" and rows[0]["items_per_s"] > 0
+    rows = run_script("benchmarks/eval_throughput.py", "--items", "20", "--generate_items", "2", "--max_new_tokens",
+                      "4", "--repeats", "1")
+    assert [(r["mode"], r.get("question_type")) for r in rows[:2]] == [("likelihood", "单项选择题"),
+                                                                      ("likelihood", "多项选择题")]
+    assert rows[0]["items"] + rows[1]["items"] == 20 and rows[0]["items_per_s"] > 0
+    assert [r.get("length") for r in rows[2:4]] == ["natural_stop", "full_budget"]
     assert "likelihood_speedup_vs_full_budget" in rows[-1]

@@ -1,9 +1,29 @@
 """What evaluation talks to: a local model folder (optionally + a LoRA adapter, unmerged) or an OpenAI-compatible
-endpoint (vLLM, `medtune serve`). Both render prompts through the same ChatTemplate as training."""
+endpoint (vLLM, `medtune serve`). Both render prompts through the same ChatTemplate as training.
+
+Likelihood mode (`LocalBackend.choose`) scores every candidate answer as the reply the chat template renders for it
+in training (`ChatTemplate.prompt_and_reply`), tokenized on its own as training tokenizes it. The reply tokens that
+every candidate shares -- e.g. the "\n" that starts a GLM-4-9B-Chat reply, whose generation prompt ends in
+`<|assistant|>` with no newline -- are appended to the prompt, so the answer is scored at the position where the
+model writes it, whatever the template puts before it.
+
+- Single choice (单项选择题): the log-probability of each option letter as the first answer token, which is how
+  lm-evaluation-harness scores a one-token continuation (predictions identical, checked by the benchmark), in
+  batches of exactly `batch_size` prompts whose common beginning runs once (`next_token_log_probs`).
+- Multiple choice (多项选择题): the candidates are the sets of two or more option letters (CMB's multiple-choice
+  answers always have two or more; a single letter is never right), each written as the sorted letters plus the
+  template's stop marker, ranked by the mean log-probability per token of that reply. Why the mean: a summed
+  log-probability loses something with every extra token, so it favours the shortest sets whatever the model
+  believes; the per-token mean (the length normalisation GPT-3 used for multi-token answers) removes that bias,
+  and since the stop marker is one of the tokens the model still says where its answer ends. The prompt runs once
+  and its KV cache is shared by the candidates, `batch_size` of them per forward pass.
+"""
 
 from __future__ import annotations
 
+import functools
 import http.client
+import inspect
 import itertools
 import json
 import logging
@@ -25,14 +45,50 @@ class Choice:
 
     messages: list[dict[str, str]]
     letters: str  # the option letters offered, e.g. "ABCDE"
-    multiple: bool  # any non-empty set of letters may be the answer
+    multiple: bool  # the answer is a set of letters (多项选择题)
 
 
 def answer_candidates(letters: str, multiple: bool) -> list[str]:
-    """Every answer a model could give: one letter, or (multiple choice) every non-empty sorted letter set."""
+    """Every answer a model could give: one letter, or (multiple choice) every sorted set of two or more letters
+    (every set when fewer than two letters are offered)."""
     if not multiple:
         return list(letters)
-    return ["".join(c) for size in range(1, len(letters) + 1) for c in itertools.combinations(letters, size)]
+    smallest = 2 if len(letters) >= 2 else 1
+    return ["".join(c) for size in range(smallest, len(letters) + 1) for c in itertools.combinations(letters, size)]
+
+
+@dataclass
+class ScoringPlan:
+    """What one question's candidates are scored from."""
+
+    context: list[int]  # the prompt ids plus the reply tokens every candidate shares
+    candidates: list[tuple[str, list[int]]]  # (answer, its reply tokens after the shared ones)
+    first_token_decides: bool  # single choice whose candidates differ in their first token
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all sequences share, leaving every sequence at least one token of its own."""
+    return min([common_length(sequences[0], s) for s in sequences] + [len(s) - 1 for s in sequences])
+
+
+def shared_start_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens to run once per distinct start of `prompts` rather than once per prompt: the length
+    that saves the most tokens, leaving every prompt at least one token of its own (0: no start worth sharing)."""
+    limit = min(len(p) for p in prompts) - 1
+    ordered = sorted(prompts)
+    agree = [common_length(a, b) for a, b in zip(ordered, ordered[1:])]
+    best, best_saving = 0, 0
+    for length in sorted({min(n, limit) for n in agree} | {limit}):
+        # in sorted order, each neighbour agreeing on fewer than `length` tokens begins another distinct start
+        saving = length * (len(prompts) - 1 - sum(n < length for n in agree))
+        if saving > best_saving:
+            best, best_saving = length, saving
+    return best
 
 
 class LocalBackend:
@@ -69,89 +125,152 @@ class LocalBackend:
 
     # -- likelihood -------------------------------------------------------------------------------------------
 
-    def _candidate_sequences(self, choice: Choice) -> tuple[list[int], list[tuple[str, list[int]]], bool]:
-        """(prompt ids, [(candidate, reply ids)], whether the first reply token alone decides)."""
-        names = answer_candidates(choice.letters, choice.multiple)
-        prompt_text, first_reply = self.template.prompt_and_reply(choice.messages, names[0])
-        if first_reply.startswith(names[0]):
-            # Every candidate renders as its letters plus the same stop suffix: render the template once.
-            suffix = first_reply[len(names[0]):]
-            replies = [name + suffix for name in names]
-        else:
-            replies = [self.template.prompt_and_reply(choice.messages, name)[1] for name in names]
+    @functools.cached_property
+    def _reply_frames(self) -> set[tuple[str, str]]:
+        """(head, tail) pairs seen to frame every answer the same way in this template's replies."""
+        return set()
+
+    _kept_starts: tuple[int, list[tuple[int, ...]], object] | None = None  # see _starts_for
+
+    @functools.cached_property
+    def cache_keyword(self) -> str:
+        """The KV-cache argument and output name: `cache` in newer transformers 5.x, `past_key_values` before."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    def reply_texts(self, messages: list[dict[str, str]], names: list[str]) -> tuple[str, list[str]]:
+        """The rendered prompt and each candidate's reply text exactly as the template renders it in training."""
+        prompt_text, first = self.template.prompt_and_reply(messages, names[0])
+        head, found, tail = first.partition(names[0])
+        # Templates write a reply as head + answer + tail (e.g. "\n" + "A" + stop marker). A second rendering
+        # confirms that once per (head, tail); then the other candidates need no rendering of their own.
+        if found and (head, tail) not in self._reply_frames and len(names) > 1:
+            if self.template.prompt_and_reply(messages, names[-1])[1] == head + names[-1] + tail:
+                self._reply_frames.add((head, tail))
+        if found and (head, tail) in self._reply_frames:
+            return prompt_text, [head + name + tail for name in names]
+        return prompt_text, [first] + [self.template.prompt_and_reply(messages, name)[1] for name in names[1:]]
+
+    def scoring_plans(self, choices: list[Choice]) -> list[ScoringPlan | None]:
+        """Each question's context and candidate tokens (None: no option to choose); one tokenizer call for all."""
+        asked = [(choice, answer_candidates(choice.letters, choice.multiple)) for choice in choices if choice.letters]
+        texts = [self.reply_texts(choice.messages, names) for choice, names in asked]
         tokenize = self.template.tokenizer
-        candidates = [(name, tokenize(reply, add_special_tokens=False)["input_ids"]) for name, reply in zip(names, replies)]
-        first_tokens = [ids[0] for _, ids in candidates]
-        single_token = not choice.multiple and len(set(first_tokens)) == len(first_tokens)
-        return tokenize(prompt_text, add_special_tokens=False)["input_ids"], candidates, single_token
+        prompts = tokenize([prompt for prompt, _ in texts], add_special_tokens=False)["input_ids"]
+        flat = tokenize([reply for _, replies in texts for reply in replies], add_special_tokens=False)["input_ids"]
+        built, cursor = [], 0
+        for (choice, names), prompt in zip(asked, prompts):
+            reply_ids, cursor = flat[cursor:cursor + len(names)], cursor + len(names)
+            shared = shared_prefix_length(reply_ids)
+            candidates = [(name, ids[shared:]) for name, ids in zip(names, reply_ids)]
+            first_token_decides = not choice.multiple and len({ids[0] for _, ids in candidates}) == len(candidates)
+            built.append(ScoringPlan(prompt + reply_ids[0][:shared], candidates, first_token_decides))
+        plans = iter(built)
+        return [next(plans) if choice.letters else None for choice in choices]
 
     def choose(self, choices: list[Choice]) -> list[tuple[str, dict[str, float]]]:
-        """For each question, the highest-scoring answer and every candidate's log-probability.
-
-        Single choice: the log-probability of each option letter as the reply's first token; the prompts of a group
-        of questions go through one batched forward pass. Multiple choice: the log-probability of the whole reply
-        -- the sorted letters and the stop marker -- for every non-empty letter set, so the model's choice of where
-        to stop counts; the prompt is run once and its KV cache shared by all candidates.
-        """
-        import torch
-
+        """For each question, the highest-scoring answer and every candidate's score (module docstring)."""
         scores: list[dict[str, float]] = [{} for _ in choices]
-        single = []
-        for index, choice in enumerate(choices):
-            if not choice.letters:
+        by_first_token = []
+        for index, (choice, plan) in enumerate(zip(choices, self.scoring_plans(choices))):
+            if plan is None:
                 continue  # no option left to choose (e.g. --official dropped them all): scored as unanswered
-            prompt, candidates, single_token = self._candidate_sequences(choice)
-            if single_token:
-                single.append((index, prompt, candidates))
+            if plan.first_token_decides:
+                by_first_token.append((index, plan))
             else:
-                scores[index] = self._score_continuations(prompt, candidates)
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(single), self.batch_size):
-            batch = single[start:start + self.batch_size]
-            width = max(len(prompt) for _, prompt, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (_, prompt, _) in enumerate(batch):
-                # left padding puts every prompt's last token at -1, so only that position needs the output head
-                input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-                attention[row, width - len(prompt):] = 1
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # positions as if each prompt were alone
-            with torch.no_grad():
-                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                    position_ids=positions.to(self.device), logits_to_keep=1).logits
-            for row, (index, _, candidates) in enumerate(batch):
-                last = torch.log_softmax(logits[row, -1].float(), dim=-1)
-                scores[index] = {candidate: last[reply[0]].item() for candidate, reply in candidates}
+                scores[index] = self.score_replies(plan, mean=choice.multiple)
+        for start in range(0, len(by_first_token), self.batch_size):
+            batch = by_first_token[start:start + self.batch_size]
+            last = self.next_token_log_probs([plan.context for _, plan in batch])
+            for row, (index, plan) in enumerate(batch):
+                scores[index] = dict(zip([name for name, _ in plan.candidates],
+                                         last[row, [ids[0] for _, ids in plan.candidates]].tolist()))
         return [(max(s, key=s.get) if s else "", s) for s in scores]
 
-    def _score_continuations(self, prompt: list[int], candidates: list[tuple[str, list[int]]]) -> dict[str, float]:
-        """Sum of log-probabilities of each candidate reply after `prompt`, sharing the prompt's KV cache."""
+    def next_token_log_probs(self, prompts: list[list[int]]):
+        """Log-softmax over the vocabulary after each prompt, a [rows, vocab] tensor on the CPU.
+
+        Prompts of one exam class start alike (template head, CMB instruction, shared few-shot examples): each
+        distinct start runs once and its KV cache serves every prompt that begins with it (`shared_start_length`);
+        the starts are kept for the next batch, which usually begins with the same ones. The rest of each prompt is
+        right-padded, which causal attention never lets a real token see, so no attention mask is needed; only each
+        prompt's last position goes through the output head."""
+        import torch
+
+        length, starts, cache = self._starts_for(prompts)
+        rests = [prompt[length:] for prompt in prompts]
+        input_ids = torch.full((len(rests), max(map(len, rests))), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, rest in enumerate(rests):
+            input_ids[row, :len(rest)] = torch.tensor(rest)
+        last = torch.tensor([len(rest) - 1 for rest in rests])
+        keep = torch.unique(last)  # sorted: each row's own last position is column searchsorted(keep, last)
+        if cache is not None:
+            own_start = [starts.index(tuple(prompt[:length])) for prompt in prompts]
+            cache.batch_select_indices(torch.tensor(own_start, device=self.device))
+        with torch.no_grad():
+            logits = self.model(input_ids=input_ids.to(self.device), use_cache=cache is not None,
+                                logits_to_keep=keep.to(self.device),
+                                **({self.cache_keyword: cache} if cache is not None else {})).logits
+        if cache is not None:  # back to one row per start this batch used, kept for the next batch
+            used = sorted(set(own_start))
+            cache.crop(-input_ids.shape[1])
+            cache.batch_select_indices(torch.tensor([own_start.index(k) for k in used], device=self.device))
+            self._kept_starts = (length, [starts[k] for k in used], cache)
+        rows = logits[torch.arange(len(rests)), torch.searchsorted(keep, last).to(self.device)]
+        return torch.log_softmax(rows.float(), dim=-1).cpu()
+
+    def _starts_for(self, prompts: list[list[int]]) -> tuple[int, list[tuple[int, ...]], object | None]:
+        """(start length, the distinct starts, their KV cache with one row each); (0, [], None) when no start is
+        worth sharing. The previous batch's starts serve again when every prompt begins with one of them."""
+        import torch
+
+        kept, self._kept_starts = self._kept_starts, None  # the cache is about to change: kept again once restored
+        if kept and all(len(p) > kept[0] and tuple(p[:kept[0]]) in kept[1] for p in prompts):
+            return kept
+        length = shared_start_length(prompts)
+        if not length:
+            return 0, [], None
+        starts = list(dict.fromkeys(tuple(prompt[:length]) for prompt in prompts))
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor(starts, device=self.device), use_cache=True, logits_to_keep=1)
+        return length, starts, out[self.cache_keyword]
+
+    def score_replies(self, plan: ScoringPlan, mean: bool) -> dict[str, float]:
+        """Each candidate's summed (or, with `mean`, per-token mean) log-probability after the context; the context
+        runs once and its KV cache serves every group of `batch_size` candidates."""
         import torch
 
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            totals = {name: first[reply[0]].item() for name, reply in candidates}
-            width = max(len(reply) for _, reply in candidates) - 1
+            out = self.model(input_ids=torch.tensor([plan.context], device=self.device), use_cache=True,
+                             logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+        totals = [first[ids[0]].item() for _, ids in plan.candidates]
+        cache = out[self.cache_keyword]
+        for start in range(0, len(plan.candidates), self.batch_size):
+            group = plan.candidates[start:start + self.batch_size]
+            width = max(len(ids) for _, ids in group) - 1  # each reply token is predicted from the ones before it
             if width <= 0:
-                return totals
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(len(candidates))
-            pad = self.tokenizer.pad_token_id
-            inputs = torch.full((len(candidates), width), pad, dtype=torch.long)
-            attention = torch.ones((len(candidates), len(prompt) + width), dtype=torch.long)
-            for row, (_, reply) in enumerate(candidates):
-                fed = reply[:-1]  # each reply token is predicted from the ones before it
-                inputs[row, :len(fed)] = torch.tensor(fed, dtype=torch.long)
-                attention[row, len(prompt) + len(fed):] = 0
-            positions = torch.arange(len(prompt), len(prompt) + width).expand(len(candidates), -1)
-            logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device),
-                                position_ids=positions.to(self.device), past_key_values=cache).logits.float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            for row, (name, reply) in enumerate(candidates):
-                for k, token in enumerate(reply[1:]):
-                    totals[name] += log_probs[row, k, token].item()
-        return totals
+                continue
+            fed = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            targets = torch.zeros((len(group), width), dtype=torch.long)
+            real = torch.zeros((len(group), width), dtype=torch.bool)
+            for row, (_, ids) in enumerate(group):
+                fed[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+                targets[row, :len(ids) - 1] = torch.tensor(ids[1:])
+                real[row, :len(ids) - 1] = True
+            cache.batch_repeat_interleave(len(group))
+            with torch.no_grad():  # right-padded: causal attention keeps the padding out of every real token
+                logits = self.model(input_ids=fed.to(self.device), use_cache=True,
+                                    **{self.cache_keyword: cache}).logits
+            cache.crop(-width)  # back to the shared context, one row, for the next group
+            cache.batch_select_indices(torch.tensor([0], device=self.device))
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(self.device).unsqueeze(-1))
+            sums = (picked.squeeze(-1).cpu() * real).sum(-1).tolist()
+            for row, value in enumerate(sums):
+                totals[start + row] += value
+        if mean:
+            totals = [total / len(ids) for total, (_, ids) in zip(totals, plan.candidates)]
+        return {name: total for total, (name, _) in zip(totals, plan.candidates)}
 
     # -- generation ---------------------------------------------------------------------------------------------
 

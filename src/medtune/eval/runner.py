@@ -335,8 +335,14 @@ def predict_exam(items, val_items, backend, eval_args, mode: str, output_dir: Pa
         for (exam_type, exam_class), available in short_of_shots(val_items, todo, eval_args.shots).items():
             logger.warning("--official --shots %d: only %d val items of %s/%s; its items get %d examples",
                            eval_args.shots, available, exam_type, exam_class, available)
+    if mode == "likelihood":
+        # Single-choice prompts share forward passes: kept together, every pass gets exactly --batch_size of them.
+        # Grouped by exam class, a pass's prompts start alike (the shared start runs once); longest first within a
+        # class (as lm-evaluation-harness orders them), they need little padding.
+        todo.sort(key=lambda i: (i.multiple, i.exam_type, i.exam_class,
+                                 -len(i.question) - sum(map(len, i.options.values()))))
     bar = progress(len(items), len(items) - len(todo), "cmb-exam")
-    chunk = max(1, eval_args.batch_size) if mode == "generate" else max(1, eval_args.batch_size // 2)
+    chunk = max(1, eval_args.batch_size)
     for start in range(0, len(todo), chunk):
         batch = todo[start:start + chunk]
         conversations = [item_messages(i, pick_shots(val_items, i, eval_args.shots, eval_args.official, eval_args.seed),
