@@ -47,24 +47,43 @@ class PaddingCollator:
         }
 
 
-class PackedCollator:
-    """Batch packed rows as ONE flattened row [1, total tokens], `position_ids` restarting at each conversation.
+def packs_into_one_row(attn_implementation: str | None) -> bool:
+    """Whether packed rows must be joined into one row for this attention backend.
 
-    Every attention backend then keeps conversations apart with no attention mask: sdpa and eager derive a
-    block-diagonal causal mask from the position ids, and flash-attention turns them into varlen boundaries -- but
-    only for a batch of one row (transformers' `_is_packed_sequence`), which is why the rows are flattened rather
-    than stacked: stacked [B, L] rows under flash-attention would be plain causal over every conversation in a row.
-    Flattening also needs no padding, and the loss is the same token-weighted mean as for stacked rows.
+    flash-attention kernels (flash_attention_2/3, hub kernels) read restarting position ids as varlen sequence
+    boundaries only for a batch of ONE row (transformers' `_is_packed_sequence`): stacked [B, L] rows would be plain
+    causal over every conversation in a row. sdpa and eager build a block-diagonal mask from the position ids of
+    each row, so they keep stacked rows, whose attention cost grows with each row (L^2 per row) rather than with
+    the whole batch ((B*L)^2 for one joined row).
+    """
+    return "flash" in (attn_implementation or "")
+
+
+class PackedCollator:
+    """Batch packed rows (several conversations per row, `position_ids` restarting at each one), without an
+    attention mask, so that transformers keeps the conversations apart on every backend.
+
+    `one_row=False` (sdpa, eager): rows are stacked to [B, L]; a row shorter than the longest is padded with a
+    pseudo-sequence of its own (positions restart at 0, labels -100) that nothing real attends to.
+    `one_row=True` (flash-attention, see `packs_into_one_row`): rows are joined into [1, total tokens], no padding.
+    Either way nothing predicts a conversation's first token from the previous conversation, and the loss is the
+    same token-weighted mean.
     """
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id  # unused (a flattened batch needs no padding), kept for a uniform API
+    def __init__(self, pad_token_id: int, one_row: bool = False):
+        self.pad_token_id = pad_token_id
+        self.one_row = one_row
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        def flattened(key: str) -> torch.Tensor:
-            return torch.cat([_as_ids(f[key]) for f in features]).unsqueeze(0)
-
-        positions = flattened("position_ids")
-        # Nothing predicts a conversation's first token (it would be predicted from the previous conversation).
-        labels = flattened("labels").masked_fill(positions == 0, IGNORE_INDEX)
-        return {"input_ids": flattened("input_ids"), "labels": labels, "position_ids": positions}
+        rows = [(_as_ids(f["input_ids"]), _as_ids(f["labels"]), _as_ids(f["position_ids"])) for f in features]
+        if self.one_row:
+            input_ids, labels, positions = (torch.cat(column).unsqueeze(0) for column in zip(*rows))
+        else:
+            width = max(len(ids) for ids, _, _ in rows)
+            padded = [(torch.cat([ids, ids.new_full((width - len(ids),), self.pad_token_id)]),
+                       torch.cat([label, label.new_full((width - len(ids),), IGNORE_INDEX)]),
+                       torch.cat([position, torch.arange(width - len(ids), dtype=position.dtype)]))
+                      for ids, label, position in rows]
+            input_ids, labels, positions = (torch.stack(column) for column in zip(*padded))
+        labels = labels.masked_fill(positions == 0, IGNORE_INDEX)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}

@@ -58,7 +58,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        data_collator=sft_collator(tokenizer, data_args),
+        data_collator=sft_collator(tokenizer, data_args, getattr(model.config, "_attn_implementation", None)),
         compute_metrics=token_accuracy if eval_set is not None else None,
         preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
         callbacks=callbacks,
@@ -81,9 +81,11 @@ def checked_template(model_args):
     return load_chat_template(model_args.model_name_or_path, tokenizer, model_args.template)
 
 
-def sft_collator(tokenizer, data_args):
-    """The collator the Trainer gets: packed rows flattened into one row (no cross-conversation attention on any
-    attention backend), or padded conversations."""
-    from medtune.data.collators import PackedCollator, PaddingCollator
+def sft_collator(tokenizer, data_args, attn_implementation: str | None = None):
+    """The collator the Trainer gets: packed rows (joined into one row under flash-attention, which keeps
+    conversations apart only that way; stacked otherwise), or padded conversations."""
+    from medtune.data.collators import PackedCollator, PaddingCollator, packs_into_one_row
 
-    return (PackedCollator if data_args.packing else PaddingCollator)(tokenizer.pad_token_id)
+    if data_args.packing:
+        return PackedCollator(tokenizer.pad_token_id, one_row=packs_into_one_row(attn_implementation))
+    return PaddingCollator(tokenizer.pad_token_id)
