@@ -16,7 +16,13 @@ from pathlib import Path
 from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
 from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
 from medtune.data.loading import KIND_SUFFIXES, load_records, read_file, require_records, split_records
-from medtune.data.readers import TEXT_SUFFIXES, list_data_files, raise_if_problems, read_json_records, read_text_lines
+from medtune.data.readers import (
+    TEXT_SUFFIXES,
+    list_data_files,
+    raise_if_problems,
+    read_json_records,
+    read_text_lines,
+)
 from medtune.data.records import TextDocument
 from medtune.errors import DataError, Problem
 from medtune.paths import bundled_data_dir
