@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, MedtuneError
 from medtune.paths import bundled_config, bundled_data_dir
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ class PipelineState:
             return describe_changes(previous["record"], record)
         return None if previous["finished"] else "interrupted"
 
+    def holds_progress(self) -> bool:
+        """Whether anything here is worth keeping for a resume: a finished stage or a training checkpoint."""
+        finished = any(stage["finished"] for stage in self.stages.values())
+        return finished or any(self.out.glob("*/checkpoint-*"))
+
     def forget_from(self, name: str) -> None:
         """Delete the output of stage `name` and of every later stage: they were made from other inputs."""
         for later in STAGES[STAGES.index(name):]:
@@ -145,6 +150,7 @@ class PipelineState:
 
 def run_pt_stage(args, extra: list[str], out: Path, state: PipelineState) -> dict:
     from medtune.config import parse_arguments
+    from medtune.data.pretrain import validate_documents
     from medtune.stages import pt
 
     stage_dir = out / "pt"
@@ -152,6 +158,7 @@ def run_pt_stage(args, extra: list[str], out: Path, state: PipelineState) -> dic
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
     configs = parse_arguments(pt.ARGUMENT_TYPES, argv + extra, prog="medtune pipeline (pt)")
+    validate_documents(configs[2])  # bad data stops here, before a finished stage is replaced
     record = pt_record(configs)
     reason = state.reason_to_run("pt", record)
     if reason is None:
@@ -221,9 +228,15 @@ def write_report(out: Path, pt_metrics: dict, merge_metrics: dict) -> Path:
 def main(argv: list[str]) -> int:
     args, extra = build_parser().parse_known_args(argv)
     out = Path(args.output_dir)
+    created = not out.exists()
     state = PipelineState(out)
-    pt_metrics = run_pt_stage(args, extra, out, state)
-    merge_metrics = run_merge_stage(out, state)
+    try:
+        pt_metrics = run_pt_stage(args, extra, out, state)
+        merge_metrics = run_merge_stage(out, state)
+    except MedtuneError:
+        if created and not state.holds_progress():
+            shutil.rmtree(out, ignore_errors=True)  # a first run refused before any progress leaves nothing behind
+        raise
     report = write_report(out, pt_metrics, merge_metrics)
     print(report.read_text(encoding="utf-8"))
     return 0

@@ -46,6 +46,17 @@ def load_documents(data_args) -> tuple[list[TextDocument], list[TextDocument]]:
     return train, evaluation
 
 
+def validate_documents(data_args) -> None:
+    """Read and validate every document `medtune pt` would read (DataError lists all problems), without keeping
+    a streamed corpus in memory; lets a caller check the data before it replaces earlier results."""
+    if data_args.streaming:
+        validate_stream_sources(data_args.train_file_dir or bundled_data_dir("pretrain"))
+        if data_args.validation_file_dir:
+            validate_stream_sources(data_args.validation_file_dir)
+    else:
+        load_documents(data_args)
+
+
 def _documents_from_datasets(name: str, config_name: str | None) -> list[TextDocument]:
     import datasets
 
