@@ -265,7 +265,7 @@ def killed_during_merge(tmp: Path, env: dict) -> None:
 
 def merged_again(result, tmp: Path, env: dict) -> None:
     ok(result)
-    assert "merge: " in result.stderr and "merging again" in result.stderr
+    assert "merge: " in result.stderr and "running it again" in result.stderr
     assert json.loads((tmp / "out" / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
 
 
@@ -537,3 +537,18 @@ def test_bad_input(case: Case, tmp_path: Path, env: dict):
             assert set(after) <= {"medtune_config.yaml"}, after
         else:
             assert after == before
+
+
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
+    import errno
+
+    from medtune import cli
+
+    def write_on_a_full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+
+    monkeypatch.setitem(cli.COMMANDS, "merge", (write_on_a_full_disk, ""))
+    monkeypatch.setattr(cli, "setup_logging", lambda: None)
+    assert cli.main(["merge"]) == 2
+    assert capsys.readouterr().err == ("medtune: error: /out/model.safetensors: no space left on device; free space "
+                                       "(or choose another --output_dir) and run again\n")

@@ -55,7 +55,7 @@ def test_pipeline_reruns_a_stage_whose_option_or_data_changed_and_redoes_an_inte
     (out / "merged" / "model.safetensors").write_bytes(b"cut")
     resumed = run_medtune(*args, "--learning_rate", "1e-4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "pt: already finished" in resumed.stderr and "merging again" in resumed.stderr
+    assert "pt: already finished" in resumed.stderr and "running it again" in resumed.stderr
     assert json.loads((out / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
 
     # Changed data: one file edited, so pt runs again, naming the file.

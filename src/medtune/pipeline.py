@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from medtune.errors import ConfigError, MedtuneError
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medtune pipeline",
         description="Continued pretraining then merge, with a markdown report. Without options it runs the "
                     "embedded tiny GLM-4 model on the bundled corpus. Extra options (e.g. --learning_rate 1e-4) "
-                    "go to the pt stage.",
+                    "go to the pt stage. Re-running the same command resumes; a stage whose options or data files "
+                    "changed runs again, with every stage after it, and the log says what changed.",
     )
     parser.add_argument("--output_dir", default="outputs/pipeline", help="Folder for every stage's output.")
     parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the embedded tiny GLM-4).")
@@ -126,6 +128,26 @@ class PipelineState:
         finished = any(stage["finished"] for stage in self.stages.values())
         return finished or any(self.out.glob("*/checkpoint-*"))
 
+    def run(self, name: str, label: str, record: dict, work: Callable[[], object], resumable: bool) -> None:
+        """Run `work` as stage `name` unless it already finished with this record. An interrupted stage resumes
+        when `resumable` (training continues from its last checkpoint); anything else starts from scratch."""
+        reason = self.reason_to_run(name, record)
+        folder = self.out / name
+        if reason is None:
+            logger.info("%s: already finished in %s with the same options and data, skipping", label, folder)
+            return
+        resume = resumable and reason == "interrupted"
+        if reason == "interrupted":
+            logger.warning("%s: %s was left incomplete by an interrupted run; %s", label, folder,
+                           "resuming from its last checkpoint" if resume else "running it again")
+        elif reason != "first run":
+            logger.warning("%s: running again from scratch (%s); later stages follow", label, reason)
+        if not resume:
+            self.forget_from(name)
+        self.start(name, record)
+        work()
+        self.finish(name)
+
     def forget_from(self, name: str) -> None:
         """Delete the output of stage `name` and of every later stage: they were made from other inputs."""
         for later in STAGES[STAGES.index(name):]:
@@ -160,19 +182,7 @@ def run_pt_stage(args, extra: list[str], out: Path, state: PipelineState) -> dic
     configs = parse_arguments(pt.ARGUMENT_TYPES, argv + extra, prog="medtune pipeline (pt)")
     validate_documents(configs[2])  # bad data stops here, before a finished stage is replaced
     record = pt_record(configs)
-    reason = state.reason_to_run("pt", record)
-    if reason is None:
-        logger.info("pt: already finished in %s with the same options and data, skipping", stage_dir)
-    else:
-        if reason == "interrupted":
-            logger.info("pt: resuming the interrupted run in %s", stage_dir)
-        else:
-            if reason != "first run":
-                logger.warning("pt: running again from scratch (%s); later stages follow", reason)
-            state.forget_from("pt")
-        state.start("pt", record)
-        pt.run_pt(*configs)
-        state.finish("pt")
+    state.run("pt", "pt", record, lambda: pt.run_pt(*configs), resumable=True)
     return _read_json(stage_dir / "eval_results.json") | _read_json(stage_dir / "train_results.json")
 
 
@@ -182,16 +192,9 @@ def run_merge_stage(out: Path, state: PipelineState) -> dict:
 
     merged = out / "merged"
     record = {"adapter": state.stages["pt"]["record"]}  # the merge is as current as the adapter it folds in
-    reason = state.reason_to_run("merged", record)
-    if reason is None:
-        logger.info("merge: already finished in %s, skipping", merged)
-    else:
-        if reason == "interrupted":
-            logger.warning("merge: %s was left incomplete by an interrupted run; merging again", merged)
-        state.forget_from("merged")  # a merge has no checkpoint to resume: start clean
-        state.start("merged", record)
-        run_merge(MergeArguments(lora_model=str(out / "pt"), output_dir=str(merged)))
-        state.finish("merged")
+    # A merge has no checkpoint: one left incomplete is removed and done again.
+    state.run("merged", "merge", record, lambda: run_merge(MergeArguments(lora_model=str(out / "pt"),
+                                                                          output_dir=str(merged))), resumable=False)
     return _read_json(merged / "merge_check.json")
 
 
