@@ -55,7 +55,8 @@ def empty_file_problem(path: Path) -> Problem:
 
 def records_location(records) -> str:
     """The file the records came from, or the folder holding all their files (for messages about all of them)."""
-    files = sorted({str(r.source).rsplit(":", 1)[0] for r in records if getattr(r, "source", "")})
+    # sources are "file:line", or "dataset[row N]" for hub datasets
+    files = sorted({str(r.source).rsplit(":", 1)[0].split("[row ", 1)[0] for r in records if getattr(r, "source", "")})
     if len(files) == 1:
         return files[0]
     return os.path.commonpath(files) if files else "the input data"
