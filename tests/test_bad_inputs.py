@@ -550,5 +550,5 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "merge", (write_on_a_full_disk, ""))
     monkeypatch.setattr(cli, "setup_logging", lambda: None)
     assert cli.main(["merge"]) == 2
-    assert capsys.readouterr().err == ("medtune: error: /out/model.safetensors: no space left on device; free space "
+    assert capsys.readouterr().err == ("medtune: error: /out/model.safetensors: No space left on device; free space "
                                        "(or choose another --output_dir) and run again\n")

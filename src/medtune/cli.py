@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno != errno.ENOSPC:
             raise  # anything else is a bug and keeps its traceback
         # A full disk is the user's environment, not a bug: one line naming the file, as for bad input.
-        print(f"medtune: error: {exc.filename or 'writing output'}: no space left on device; free space (or "
-              "choose another --output_dir) and run again", file=sys.stderr)
+        print(f"medtune: error: {exc.filename or 'writing output'}: {exc.strerror}; free space (or choose another "
+              "--output_dir) and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medtune: interrupted", file=sys.stderr)
