@@ -213,7 +213,7 @@ def test_data_check_measures_with_the_training_template(tmp_path, glm4_dir):
 
     (tmp_path / "c.jsonl").write_bytes(jsonl(GOOD_CHAT))
     tokenizer = load_tokenizer(str(glm4_dir))
-    for name in (None, "chatglm3"):
+    for name in (None, "vicuna"):
         template = load_chat_template(str(glm4_dir), tokenizer, name)
         expected = len(template.encode(GOOD_CHAT_MESSAGES).input_ids)
         cli = run_medtune("data", "check", str(tmp_path), "--tokenizer_name_or_path", str(glm4_dir),
@@ -222,5 +222,5 @@ def test_data_check_measures_with_the_training_template(tmp_path, glm4_dir):
         assert f"tokens p50={expected} p90={expected} p99={expected} max={expected}" in cli.stdout
         assert check_paths([str(tmp_path)], None, template)[2][0].messages == GOOD_CHAT_MESSAGES
     own = load_chat_template(str(glm4_dir), tokenizer, None).encode(GOOD_CHAT_MESSAGES).input_ids
-    chatglm3 = load_chat_template(str(glm4_dir), tokenizer, "chatglm3").encode(GOOD_CHAT_MESSAGES).input_ids
-    assert own != chatglm3  # the option changes what is measured
+    vicuna = load_chat_template(str(glm4_dir), tokenizer, "vicuna").encode(GOOD_CHAT_MESSAGES).input_ids
+    assert own != vicuna  # the option changes what is measured
