@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from medtune.data.loading import load_records
+from medtune.data.loading import load_records, require_records
 from medtune.errors import DataError
 
 from .conftest import REPO, run_medtune
@@ -15,6 +15,7 @@ def jsonl(*records) -> bytes:
 
 
 GOOD_CHAT = {"conversations": [{"from": "human", "value": "头痛怎么办？"}, {"from": "gpt", "value": "多休息。"}]}
+GOOD_CHAT_MESSAGES = [{"role": "user", "content": "头痛怎么办？"}, {"role": "assistant", "content": "多休息。"}]
 GOOD_PAIR = {"system": "", "history": [], "question": "孕妇能用多西环素吗？", "response_chosen": "不建议。",
              "response_rejected": "可以。"}
 
@@ -58,6 +59,18 @@ CASES = {
                               ":1: QA_pairs[0].solution: missing"),
     "json-array-line-numbers": ("text", "a.json", b'[\n  {"text": "a"},\n  {"text": ""}\n]\n',
                                 ":3: text: empty"),
+    # A .json file is one array, parsed whole: what follows it, or a missing comma, is an error at its line.
+    "json-array-then-array": ("text", "a.json", b'[{"text": "a"},\n {"text": "b"}]\n[{"text": "c"}]\n',
+                              ":3: invalid JSON: Extra data (column 1) after the end of the array"),
+    "json-array-then-jsonl": ("text", "a.json", b'[{"text": "a"}]\n{"text": "b"}\n{"text": "c"}\n',
+                              ":2: invalid JSON: Extra data"),
+    "json-array-then-garbage": ("sft", "c.json", b"[" + jsonl(GOOD_CHAT) + b"]\n\n]}\n", ":4: invalid JSON: Extra data"),
+    "json-array-missing-comma": ("text", "a.json", b'[\n{"text": "a"},\n{"text": "b"}\n{"text": "c"}\n]\n',
+                                 ":4: invalid JSON: Expecting ',' delimiter"),
+    # A file with no record at all is a mistake, not an input to skip.
+    "empty-file": ("text", "a.txt", b"", ": no records: the file is empty"),
+    "whitespace-only-file": ("sft", "c.jsonl", b"\n \n\t\n", ": no records: the file is empty"),
+    "empty-json-array": ("preference", "p.json", b"[ ]\n", ": no records: the file is empty"),
 }
 
 
@@ -133,3 +146,81 @@ def test_data_check_cli(tmp_path):
     bad = run_medtune("data", "check", str(tmp_path), "--no_tokens")
     assert bad.returncode == 2
     assert f"{tmp_path / 'bad.jsonl'}:2: conversations: must end with an assistant turn" in bad.stderr
+
+
+def test_json_array_records_keep_the_line_they_start_on(tmp_path):
+    records = [{"text": "a"}, {"text": "b\nc"}, {"text": "d"}]
+    (tmp_path / "a.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+    documents, _ = load_records(tmp_path / "a.json", "text")
+    assert [d.source.rsplit(":", 1)[1] for d in documents] == ["2", "5", "8"]
+    assert [d.text for d in documents] == ["a", "b\nc", "d"]
+
+
+def test_require_records_names_the_file_the_dropped_records_came_from(tmp_path):
+    (tmp_path / "c.jsonl").write_bytes(jsonl(GOOD_CHAT, GOOD_CHAT))
+    conversations, _ = load_records(tmp_path, "sft")
+    require_records(conversations, conversations, "unused")
+    with pytest.raises(DataError) as caught:
+        require_records([], conversations, "all 2 dropped")
+    assert str(caught.value) == f"{tmp_path / 'c.jsonl'}: all 2 dropped"
+
+
+def test_a_corpus_shorter_than_one_block_is_refused_only_with_remainder_drop(glm4_dir):
+    from medtune.config import PretrainDataArguments
+    from medtune.data.pretrain import require_one_block
+    from medtune.data.records import TextDocument
+    from medtune.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(str(glm4_dir))
+    documents = [TextDocument("高血压。", "a.txt:1")]
+    require_one_block(documents, tokenizer, PretrainDataArguments(block_size=64, remainder="pad"))
+    require_one_block(documents, tokenizer, PretrainDataArguments(block_size=2, remainder="drop"))
+    tokens = len(tokenizer("高血压。", add_special_tokens=False)["input_ids"]) + 1
+    with pytest.raises(DataError, match=rf"^a\.txt: 1 documents hold {tokens} tokens, fewer than one block of 64"):
+        require_one_block(documents, tokenizer, PretrainDataArguments(block_size=64, remainder="drop"))
+
+
+def test_streaming_reads_an_upper_case_txt_file_as_text(tmp_path, glm4_dir):
+    from medtune.config import PretrainDataArguments
+    from medtune.data.blocks import group_into_blocks, tokenize_texts
+    from medtune.data.pretrain import stream_block_dataset
+    from medtune.models.loader import load_tokenizer
+
+    lines = ["高血压需要长期管理。", "糖尿病患者应监测血糖。"]
+    (tmp_path / "NOTES.TXT").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenizer = load_tokenizer(str(glm4_dir))
+    streamed = list(stream_block_dataset(PretrainDataArguments(train_file_dir=str(tmp_path), block_size=8,
+                                                               streaming=True), tokenizer))
+    expected, _ = group_into_blocks(tokenize_texts(lines, tokenizer), 8, "pad", tokenizer.pad_token_id)
+    assert [b["input_ids"] for b in streamed] == [b["input_ids"] for b in expected]
+
+
+def test_data_check_counts_duplicates_with_their_lines(tmp_path):
+    other = {"conversations": [{"from": "human", "value": "发热怎么办？"}, {"from": "gpt", "value": "多喝水。"}]}
+    (tmp_path / "a.jsonl").write_bytes(jsonl(GOOD_CHAT, other, GOOD_CHAT))
+    (tmp_path / "b.jsonl").write_bytes(jsonl(other))
+    result = run_medtune("data", "check", str(tmp_path), "--no_tokens")
+    assert result.returncode == 0, result.stderr
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert (f"warning: 2 duplicated records (each equal to an earlier one): {a}:3 = {a}:1, {b}:1 = {a}:2"
+            in result.stdout)
+    assert "2 files, 4 valid records, 2 duplicated, 0 problems" in result.stdout
+
+
+def test_data_check_measures_with_the_training_template(tmp_path, glm4_dir):
+    from medtune.data.check import check_paths
+    from medtune.models.loader import load_chat_template, load_tokenizer
+
+    (tmp_path / "c.jsonl").write_bytes(jsonl(GOOD_CHAT))
+    tokenizer = load_tokenizer(str(glm4_dir))
+    for name in (None, "vicuna"):
+        template = load_chat_template(str(glm4_dir), tokenizer, name)
+        expected = len(template.encode(GOOD_CHAT_MESSAGES).input_ids)
+        cli = run_medtune("data", "check", str(tmp_path), "--tokenizer_name_or_path", str(glm4_dir),
+                          *(("--template", name) if name else ()))
+        assert cli.returncode == 0, cli.stderr
+        assert f"tokens p50={expected} p90={expected} p99={expected} max={expected}" in cli.stdout
+        assert check_paths([str(tmp_path)], None, template)[2][0].messages == GOOD_CHAT_MESSAGES
+    own = load_chat_template(str(glm4_dir), tokenizer, None).encode(GOOD_CHAT_MESSAGES).input_ids
+    vicuna = load_chat_template(str(glm4_dir), tokenizer, "vicuna").encode(GOOD_CHAT_MESSAGES).input_ids
+    assert own != vicuna  # the option changes what is measured

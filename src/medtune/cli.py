@@ -3,6 +3,7 @@ when the command runs, so `medtune --help` starts instantly without importing to
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -165,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"medtune: error: {line}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise  # anything else is a bug and keeps its traceback
+        # A full disk is the user's environment, not a bug: one line naming the file, as for bad input.
+        print(f"medtune: error: {exc.filename or 'writing output'}: {exc.strerror}; free space (or choose another "
+              "--output_dir) and run again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("medtune: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ as `file:line: field: message` — always before a model is touched.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from medtune.data.readers import (
     read_text_lines,
 )
 from medtune.data.records import FORMAT_KEYS, FORMAT_KIND, RecordProblem, TextDocument, convert, detect_format
-from medtune.errors import Problem
+from medtune.errors import DataError, Problem
 
 KIND_SUFFIXES = {"text": TEXT_SUFFIXES + JSON_SUFFIXES, "sft": JSON_SUFFIXES, "preference": JSON_SUFFIXES,
                  "exam": JSON_SUFFIXES, "clin": JSON_SUFFIXES, "answers": JSON_SUFFIXES}
@@ -47,17 +48,45 @@ def _file_format(records: list[tuple[int, object]], forced: str | None) -> str |
     return None
 
 
+def empty_file_problem(path: Path) -> Problem:
+    """An input file with no record at all is a mistake (a failed export, the wrong file), never skipped quietly."""
+    return Problem(str(path), None, None, "no records: the file is empty (or holds only whitespace or [])")
+
+
+def records_location(records) -> str:
+    """The file the records came from, or the folder holding all their files (for messages about all of them)."""
+    # sources are "file:line", or "dataset[row N]" for hub datasets
+    files = sorted({str(r.source).rsplit(":", 1)[0].split("[row ", 1)[0] for r in records if getattr(r, "source", "")})
+    if len(files) == 1:
+        return files[0]
+    return os.path.commonpath(files) if files else "the input data"
+
+
+def require_records(kept, read, message: str) -> None:
+    """Stop with one line naming where `read` came from when nothing of it is `kept` to train or evaluate on.
+
+    Stages call this after every step that can discard records (length limits, identical pairs, block grouping),
+    so an empty result is an error that says why instead of an IndexError deep inside a trainer.
+    """
+    if not kept:
+        raise DataError([Problem(records_location(read), None, None, message)])
+
+
 def read_file(path: Path, kind: str | None, data_format: str | None = None) -> tuple[list, FileReport]:
     """Convert one file's records; `kind` None accepts any format (used by `medtune data check`)."""
     problems: list[Problem] = []
     if path.suffix.lower() in TEXT_SUFFIXES:
         items = [TextDocument(text, f"{path}:{line}") for line, text in read_text_lines(path, problems)]
         report = FileReport(str(path), "text", len(items), problems)
+        if not items and not problems:
+            problems.append(empty_file_problem(path))
         if kind not in (None, "text"):
             report.problems.append(Problem(str(path), None, None, f"plain text cannot be used by {KIND_COMMAND[kind]}"))
         return items, report
 
     raw = list(read_json_records(path, problems))
+    if not raw and not problems:
+        problems.append(empty_file_problem(path))
     fmt = _file_format(raw, data_format)
     report = FileReport(str(path), fmt or "unknown", 0, problems)
     if fmt is None:

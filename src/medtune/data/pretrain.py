@@ -15,8 +15,14 @@ from pathlib import Path
 
 from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
 from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
-from medtune.data.loading import KIND_SUFFIXES, load_records, read_file, split_records
-from medtune.data.readers import list_data_files, raise_if_problems, read_json_records, read_text_lines
+from medtune.data.loading import KIND_SUFFIXES, load_records, read_file, require_records, split_records
+from medtune.data.readers import (
+    TEXT_SUFFIXES,
+    list_data_files,
+    raise_if_problems,
+    read_json_records,
+    read_text_lines,
+)
 from medtune.data.records import TextDocument
 from medtune.errors import DataError, Problem
 from medtune.paths import bundled_data_dir
@@ -40,6 +46,17 @@ def load_documents(data_args) -> tuple[list[TextDocument], list[TextDocument]]:
     return train, evaluation
 
 
+def validate_documents(data_args) -> None:
+    """Read and validate every document `medtune pt` would read (DataError lists all problems), without keeping
+    a streamed corpus in memory; lets a caller check the data before it replaces earlier results."""
+    if data_args.streaming:
+        validate_stream_sources(data_args.train_file_dir or bundled_data_dir("pretrain"))
+        if data_args.validation_file_dir:
+            validate_stream_sources(data_args.validation_file_dir)
+    else:
+        load_documents(data_args)
+
+
 def _documents_from_datasets(name: str, config_name: str | None) -> list[TextDocument]:
     import datasets
 
@@ -55,6 +72,8 @@ def _documents_from_datasets(name: str, config_name: str | None) -> list[TextDoc
             problems.append(Problem(name, row + 1, "text", "empty" if isinstance(text, str) else "not a string"))
         else:
             documents.append(TextDocument(text, f"{name}[row {row + 1}]"))
+    if not documents and not problems:
+        problems.append(Problem(name, None, None, "no rows in its train split"))
     raise_if_problems(problems)
     return documents
 
@@ -95,11 +114,30 @@ def _build_blocks(scratch: Path, train_docs, eval_docs, tokenizer, data_args) ->
         shutil.rmtree(scratch / name, ignore_errors=True)  # the generator's own scratch cache
 
 
+def require_one_block(documents: list[TextDocument], tokenizer, data_args) -> None:
+    """With `--remainder drop` a corpus shorter than one block yields nothing to train on: say so up front.
+
+    Tokenizing stops as soon as one block's worth is seen, so a normal corpus costs a few documents here.
+    """
+    if data_args.remainder != "drop" or not documents:
+        return
+    tokens = 0
+    for ids in tokenize_texts((d.text for d in documents), tokenizer, batch_size=64):
+        tokens += len(ids)
+        if tokens >= data_args.block_size:
+            return
+    require_records([], documents, f"{len(documents)} documents hold {tokens} tokens, fewer than one block of "
+                                   f"{data_args.block_size}, and --remainder drop discards the partial block; use "
+                                   "--remainder pad or a smaller --block_size")
+
+
 def prepare_block_datasets(data_args, tokenizer) -> tuple[object, object | None, dict]:
     """(train blocks, eval blocks or None, statistics), from the cache when possible."""
     import datasets
 
     train_docs, eval_docs = load_documents(data_args)
+    for documents in (train_docs, eval_docs):
+        require_one_block(documents, tokenizer, data_args)
     entry = build_once(cache_folder("pt", cache_key(train_docs, eval_docs, tokenizer, data_args),
                                     data_args.data_cache_dir),
                        lambda scratch: _build_blocks(scratch, train_docs, eval_docs, tokenizer, data_args),
@@ -143,7 +181,7 @@ def stream_block_dataset(data_args, tokenizer):
     def texts() -> Iterator[str]:
         sink: list[Problem] = []  # already validated above
         for path in files:
-            if path.suffix == ".txt":
+            if path.suffix.lower() in TEXT_SUFFIXES:  # as read_file decides, so a .TXT file is text here too
                 yield from (text for _, text in read_text_lines(path, sink))
             else:
                 yield from (record["text"] for _, record in read_json_records(path, sink))

@@ -54,24 +54,42 @@ def read_text_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, 
             yield number, text
 
 
-def _read_json_array(path: Path, text: str, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+def _array_element_lines(text: str) -> Iterator[int]:
+    """The line each element starts on of `text`, a JSON array already known to be valid."""
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
+    line, counted = 1, 0  # lines are counted incrementally: a large array stays linear
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
+        while text[pos] in " \t\r\n,":
             pos += 1
-        if pos >= len(text):
-            problems.append(Problem(str(path), text.count("\n") + 1, None, "JSON array is not closed with ']'"))
-            return
         if text[pos] == "]":
             return
-        line = text.count("\n", 0, pos) + 1
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(str(path), exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
-            return
-        yield line, record
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line
+        pos = decoder.raw_decode(text, pos)[1]
+
+
+def _json_error(path: Path, exc: json.JSONDecodeError) -> Problem:
+    hint = ""
+    if exc.msg == "Extra data":
+        hint = " after the end of the array: a .json file holds one array (use .jsonl for one record per line)"
+    return Problem(str(path), exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno}){hint}")
+
+
+def _read_json_array(path: Path, text: str, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+    """Records of a file holding one JSON array, each with the line it starts on.
+
+    The whole text goes through the JSON parser first, so anything after the closing bracket (a second array,
+    JSON Lines, garbage) and a missing comma between records are errors, not a silently shorter array; only
+    then is the (valid) array walked again to find the line where each record starts.
+    """
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        problems.append(_json_error(path, exc))
+        return
+    yield from zip(_array_element_lines(text), records)
 
 
 def read_json_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
-from medtune.data.loading import load_records, split_records
+from medtune.data.loading import load_records, require_records, split_records
 from medtune.data.records import Conversation
 from medtune.paths import bundled_data_dir
 from medtune.templates.chat import IGNORE_INDEX, ChatTemplate, TemplateError
@@ -123,6 +123,8 @@ def build_sft_split(conversations: list[Conversation], template: ChatTemplate, d
     def build(scratch: Path) -> None:
         examples, stats = encode_conversations(conversations, template, data_args.model_max_length,
                                                data_args.train_on_prompt)
+        require_records(examples, conversations, f"all {stats.conversations} {name} conversations dropped: no assistant "
+                        f"reply starts within model_max_length ({data_args.model_max_length}); raise --model_max_length")
         if data_args.packing:
             examples = pack_examples(examples, data_args.model_max_length)
         stats.sequences = len(examples)
