@@ -386,7 +386,7 @@ def test_a_pipeline_killed_during_merge_finishes_on_rerun(tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL  # killed mid-merge, not after it finished
     assert staging.exists() and not (out / "merged").exists()
-    again = run_medtune("pipeline", "--output_dir", str(out))
+    again = run_medtune("pipeline", "--output_dir", str(out), "--max_steps", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted merge" in again.stderr and not staging.exists()
     assert json.loads((out / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
