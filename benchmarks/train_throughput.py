@@ -115,8 +115,8 @@ def bench_sft(args, mode: str) -> dict:
     packing = mode != "padded"
 
     def counted(cls):
-        def build(pad_token_id):
-            counters.append(CountingCollator(cls(pad_token_id)))
+        def build(pad_token_id, **options):
+            counters.append(CountingCollator(cls(pad_token_id, **options)))
             return counters[-1]
         return build
 
@@ -129,8 +129,8 @@ def bench_sft(args, mode: str) -> dict:
         originals = collators.PackedCollator, collators.PaddingCollator
         packed = originals[0]
         if mode == "packed_4d_mask":
-            def packed(pad_token_id, inner=originals[0]):
-                return BlockDiagonalMaskCollator(inner(pad_token_id))
+            def packed(pad_token_id, inner=originals[0], **options):
+                return BlockDiagonalMaskCollator(inner(pad_token_id, **options))
         collators.PackedCollator, collators.PaddingCollator = counted(packed), counted(originals[1])
         try:
             started = time.perf_counter()

@@ -347,8 +347,8 @@ def as_lines(records: list[dict]) -> str:
     ("answer field", as_lines([{"id": "q1", "answer": "A"}]), as_lines(TRUTH),
      "predictions.json:2: model_answer: missing; cmb-score expects the official answer-file field `model_answer` "
      "(this record has `answer`"),
-    ("empty truth", as_lines([{"id": "q1", "model_answer": "A"}]), "[]\n", "truth.json: holds no answer keys"),
-    ("empty truth file", as_lines([{"id": "q1", "model_answer": "A"}]), "", "truth.json: holds no answer keys"),
+    ("empty truth", as_lines([{"id": "q1", "model_answer": "A"}]), "[]\n", "truth.json: no records: the file is empty"),
+    ("empty truth file", as_lines([{"id": "q1", "model_answer": "A"}]), "", "truth.json: no records: the file is empty"),
     ("duplicated truth id", as_lines([{"id": "q1", "model_answer": "A"}]), as_lines(TRUTH + TRUTH[:1]),
      "truth.json:4: id: duplicated id 'q1' (first at "),
     ("duplicated prediction id", as_lines([{"id": "q1", "model_answer": "A"}, {"id": "q1", "model_answer": "B"}]),

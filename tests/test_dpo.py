@@ -352,7 +352,7 @@ def test_no_usable_pair_is_one_line_naming_the_file(glm4_dir, tmp_path, content)
         content = "\n".join(json.dumps(same, ensure_ascii=False) for _ in range(read)) + "\n"
     data.write_text(content, encoding="utf-8")
     message = (f"{data}: no usable preference pairs: {read} read, {read} dropped because chosen and rejected are "
-               "identical")
+               "identical" if read else f"{data}: no records: the file is empty (or holds only whitespace or [])")
     out = tmp_path / "out"
     options = ("--model_name_or_path", str(glm4_dir), "--train_file_dir", str(data), "--output_dir", str(out))
     if content:

@@ -169,7 +169,7 @@ def bad_input(kind, folder):
                     "give every item its answer, or none and an --answers_file")
     else:  # an empty test.json
         items = []
-        expected = f"{folder / 'test.json'}: no items to evaluate (an empty file)"
+        expected = f"{folder / 'test.json'}: no records: the file is empty (or holds only whitespace or [])"
     write_array(folder / "test.json", items)
     if answers is None and kind != "answers inside some items only":
         write_array(folder / "test_answers.json", keys)
@@ -311,7 +311,7 @@ def test_cmb_clin_reports_library_metrics_and_their_tokenization(tmp_path, monke
 def test_cmb_clin_refuses_an_empty_case_file_and_repeated_case_ids(tmp_path):
     cases = json.loads((CMB / "clin.json").read_text(encoding="utf-8"))[:2]
     for name, records, expected in (
-            ("empty", [], "{path}: no CMB-Clin cases to evaluate (an empty file)"),
+            ("empty", [], "{path}: no records: the file is empty (or holds only whitespace or [])"),
             ("twice", cases + [cases[0]], f"{{path}}:4: id: {cases[0]['id']!r} repeats the case at {{path}}:2")):
         path = write_array(tmp_path / f"{name}.json", records)
         with pytest.raises(DataError) as error:

@@ -35,7 +35,8 @@ def test_best_fit_bins_respect_capacity_and_place_everything():
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversations, attention):
+@pytest.mark.parametrize("one_row", [False, True], ids=["stacked", "one_row"])
+def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversations, attention, one_row):
     folder = tiny_model("glm4")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template = load_chat_template(str(folder), tokenizer)
@@ -47,8 +48,12 @@ def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversatio
     with torch.no_grad():
         rows = pack_examples(examples, capacity=700)
         assert len(rows) >= 2 and any(r["position_ids"].count(0) >= 2 for r in rows)  # several rows, shared rows
-        packed = PackedCollator(tokenizer.pad_token_id)(rows)
-        assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))  # flattened, no padding
+        packed = PackedCollator(tokenizer.pad_token_id, one_row=one_row)(rows)
+        tokens = sum(len(e["input_ids"]) for e in examples)
+        if one_row:
+            assert packed["input_ids"].shape == (1, tokens)  # joined, no padding
+        else:
+            assert packed["input_ids"].shape == (len(rows), max(len(r["input_ids"]) for r in rows))
         packed_loss = model(**packed).loss.item()
         total, count = 0.0, 0
         for example in examples:
@@ -61,16 +66,25 @@ def test_packed_loss_equals_conversations_run_one_by_one(tiny_model, conversatio
     assert int((packed["labels"][..., 1:] != -100).sum()) == count
 
 
-def test_packed_batches_compute_no_padding_on_bundled_data(tiny_model, conversations):
+def test_packed_batches_keep_every_token_and_pad_only_stacked_rows(tiny_model, conversations):
     folder = tiny_model("glm4")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template = load_chat_template(str(folder), tokenizer)
     examples, stats = encode_conversations(conversations, template, max_length=512)
     rows = pack_examples(examples, capacity=512)
     assert sum(len(r["input_ids"]) for r in rows) == stats.tokens  # nothing lost or duplicated
-    batches = [PackedCollator(tokenizer.pad_token_id)(rows[i:i + 4]) for i in range(0, len(rows), 4)]
-    computed = sum(b["input_ids"].numel() for b in batches)
-    assert stats.tokens / computed == 1.0  # flattened batches compute no padding at all
+    supervised = {}
+    for one_row in (True, False):
+        batches = [PackedCollator(tokenizer.pad_token_id, one_row=one_row)(rows[i:i + 4])
+                   for i in range(0, len(rows), 4)]
+        computed = sum(b["input_ids"].numel() for b in batches)
+        supervised[one_row] = sum(int((b["labels"] != -100).sum()) for b in batches)
+        if one_row:
+            assert computed == stats.tokens  # joined batches compute no padding at all
+        else:
+            # stacked rows pad to the batch's longest row; best-fit-decreasing packing leaves little of it
+            assert stats.tokens < computed and stats.tokens / computed > 0.9
+    assert supervised[True] == supervised[False] > 0  # the same targets either way
 
 
 @pytest.mark.parametrize("arch", ["glm4", "qwen2"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medtune.data.loading import load_records
 from medtune.data.readers import raise_if_problems
-from medtune.errors import ConfigError, DataError, Problem
+from medtune.errors import ConfigError
 from medtune.eval.runner import (
     append_predictions,
     content_digest,
@@ -117,8 +117,6 @@ def load_cases(eval_args):
     location = Path(eval_args.data_dir) if eval_args.data_dir else bundled_data_dir("eval/cmb")
     clin_file = location / "clin.json" if location.is_dir() else location
     cases, _ = load_records(clin_file, "clin")
-    if not cases:
-        raise DataError([Problem(str(clin_file), None, None, "no CMB-Clin cases to evaluate (an empty file)")])
     raise_if_problems(repeated_ids(cases, "case"))
     if eval_args.limit is not None:
         cases = cases[: eval_args.limit]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medtune.data.readers import raise_if_problems, read_json_records
 from medtune.data.records import OPTION_LETTERS, AnswerKey, ExamItem, normalise_letters
-from medtune.errors import DataError, Problem
+from medtune.errors import Problem
 
 ANSWER_ONLY = "不需要做任何分析和解释，直接输出答案选项。"
 CHAIN_OF_THOUGHT = "请分析每个选项，并最后给出答案。"
@@ -287,10 +287,8 @@ def _answer_record_problem(record, first_line: dict[str, int]) -> tuple[str | No
 
 
 def check_answer_keys(keys: list[AnswerKey], path: str) -> None:
-    """An answer key that scores nothing or scores an item twice is refused, naming the file and line."""
-    if not keys:
-        raise DataError([Problem(path, None, None, "holds no answer keys (expected [{\"id\", \"exam_type\", "
-                                                   "\"exam_class\", \"answer\"}, ...])")])
+    """An answer key that scores an item twice is refused, naming the file and line (an empty file is refused by
+    the reader)."""
     seen: dict[str, str] = {}
     problems = []
     for key in keys:

@@ -245,8 +245,6 @@ def load_exam(eval_args, default_data: str) -> tuple[list[ExamItem], list[ExamIt
     val_file = location / "val.json"
     val_items = load_records(val_file, "exam")[0] if location.is_dir() and val_file.is_file() else []
     items = load_records(items_file, "exam")[0]
-    if not items:
-        raise DataError([Problem(str(items_file), None, None, "no items to evaluate (an empty file)")])
     raise_if_problems(repeated_ids(items, "item"))
     answers_file = eval_args.answers_file
     if answers_file is None and location.is_dir() and eval_args.split == "test":
