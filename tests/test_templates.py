@@ -144,3 +144,17 @@ def test_template_whose_special_tokens_the_tokenizer_lacks_is_refused(tiny_model
     tokenizer = AutoTokenizer.from_pretrained(tiny_model(family))
     with pytest.raises(TemplateError, match=f"lacks the template's special tokens {re.escape(missing)};"):
         ChatTemplate.for_tokenizer(tokenizer, name)
+
+
+def test_stop_markers_the_tokenizers_own_template_writes_are_stop_tokens(tiny_model):
+    """A Qwen base model names only <|endoftext|> as eos (no generation-config stop ids), yet its own ChatML
+    template ends every turn with <|im_end|>: generation and the saved generation_config must stop there too."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("qwen2"))
+    tokenizer.eos_token = "<|endoftext|>"
+    template = ChatTemplate.for_tokenizer(tokenizer)
+    im_end, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert template.stop_token_ids == [end_of_text, im_end]
+    # the reply already ends with the template's own marker, so nothing is appended after it
+    encoded = template.encode([{"role": "user", "content": "发热怎么办？"}, {"role": "assistant", "content": "多饮水。"}])
+    supervised = [token for token, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert im_end in supervised and end_of_text not in supervised

@@ -86,7 +86,7 @@ class ChatTemplate:
         if not jinja:
             raise TemplateError("the tokenizer has no chat_template; pass --template NAME (glm4, chatglm3, qwen, "
                                 "llama3, vicuna, alpaca)")
-        return cls(tokenizer, jinja, "tokenizer", stops)
+        return cls(tokenizer, jinja, "tokenizer", stops + stops_written_by(jinja, tokenizer))
 
     # -- text -------------------------------------------------------------------------------------------------
 
@@ -201,3 +201,14 @@ class ChatTemplate:
     def stop_token_ids(self) -> list[int]:
         vocabulary = self.tokenizer.get_vocab()
         return [vocabulary[s] for s in self.stop_strings if s in vocabulary]
+
+
+def stops_written_by(jinja: str, tokenizer) -> list[str]:
+    """Registered stop markers that a template writes itself and the tokenizer holds as one added token: a Qwen base
+    model whose eos and generation config name only <|endoftext|> still ends every turn of its own ChatML template
+    with <|im_end|>, so generation must stop there too."""
+    from medtune.templates.registry import TEMPLATES
+
+    added = tokenizer.get_added_vocab()
+    return [token for chat_format in TEMPLATES.values() for token in chat_format.stop_tokens
+            if token in jinja and token in added]
