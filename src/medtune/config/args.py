@@ -247,7 +247,8 @@ class StageTrainingArguments(TrainingArguments):
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "A checkpoint folder, or 'true' for the latest checkpoint in output_dir (starts fresh "
-                          "if there is none)."},
+                          "when output_dir is new or empty; a folder holding a finished run but no checkpoint is "
+                          "refused)."},
     )
     early_stopping_patience: int | None = field(
         default=None,
