@@ -315,7 +315,10 @@ def correct_train_loss_after_resume(trainer, metrics: dict) -> None:
 def save_final_model(trainer, output_dir: Path) -> None:
     """Save into a staging folder and move the files into output_dir once all are written: a failed save (full
     disk) leaves output_dir as it was."""
-    staging = output_dir / STAGING_FOLDER
+    # Each torchrun process keeps its own staging folder: processes that do not form one distributed run (CPU
+    # torchrun today, see issue 10) each save in full, and must not move or remove each other's files.
+    rank = os.environ.get("LOCAL_RANK")
+    staging = output_dir / (STAGING_FOLDER + (f"-{rank}" if rank not in (None, "0") else ""))
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     with disk_full_reported(output_dir, staging, lambda: saved_weight_bytes(trainer.model),
