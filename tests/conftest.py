@@ -51,3 +51,34 @@ def run_medtune(*args: str, cwd: Path | None = None, timeout: int = 300) -> subp
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "medtune", *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian `chromium` driven by Selenium through the system `chromedriver` (nothing downloaded).
+
+    Without them the browser tests skip, unless MEDTUNE_REQUIRE_BROWSER=1 (CI sets it) turns that into a failure.
+    """
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    missing = [name for name, found in (("chromium", binary), ("chromedriver", driver_path)) if not found]
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing.append("selenium (pip install -e '.[dev]')")
+    if missing:
+        message = f"browser tests need {', '.join(missing)} (Debian: apt-get install chromium chromium-driver)"
+        if os.environ.get("MEDTUNE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,1600"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages, for error checks
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
