@@ -11,6 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist each worker (and every CLI subprocess it starts) gets one thread: two workers with
+    # torch's default of one thread per core would oversubscribe the cores and run slower than one worker.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
