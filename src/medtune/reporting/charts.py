@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ class Chart:
     title: str
     png: bytes
     legend: list[tuple[str, str]] = field(default_factory=list)
+    caption: str = ""  # what the page says under the chart beyond its drawn title (e.g. a full file name)
 
 
 @dataclass
@@ -86,12 +89,12 @@ def _is_cjk_name(name: str) -> bool:
 
 
 def drawable_labels(names: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(labels to draw, legend). Without a CJK font every label is numbered as soon as one would need it, so the
-    numbers line up with the legend printed next to the chart."""
-    if cjk_font() is not None or all(name.isascii() for name in names):
+    """(labels to draw, legend). Without a CJK font a name that needs one is drawn as its position (1, 2, ...)
+    and listed in the legend, for the page to print next to the chart."""
+    if cjk_font() is not None:
         return list(names), []
-    labels = [str(number) for number in range(1, len(names) + 1)]
-    return labels, list(zip(labels, names))
+    labels = [name if name.isascii() else str(number) for number, name in enumerate(names, start=1)]
+    return labels, [(label, name) for label, name in zip(labels, names) if label != name]
 
 
 @contextmanager
@@ -124,9 +127,13 @@ def grouped_bars(title: str, groups: Sequence[str], series: dict[str, Sequence[f
     """Bars per group, one colour per series (model), values printed on the bars; `chance` draws a dashed line
     over each group at that group's chance level (None: no line for that group)."""
     labels, legend = drawable_labels(groups)
+    # long names side by side would overlap: wrap Latin ones at spaces, slant the axis if still too wide
+    labels = [textwrap.fill(label, 16) if label.isascii() else label for label in labels]
+    slant = len(groups) > 4 or max((_columns(line) for label in labels for line in label.split("\n")),
+                                   default=0) > 16
     count = max(len(series), 1)
     width = 0.8 / count
-    with _figure(max(5.0, 1.0 + len(groups) * (0.35 + 0.22 * count)), 3.6) as figure:
+    with _figure(max(6.0, 2.0 + len(groups) * (0.35 + 0.25 * count)), 3.8) as figure:
         axis = figure.add_subplot()
         for index, (name, values) in enumerate(series.items()):
             xs = [g + (index - (count - 1) / 2) * width for g in range(len(groups))]
@@ -135,14 +142,19 @@ def grouped_bars(title: str, groups: Sequence[str], series: dict[str, Sequence[f
             texts = [value_format.format(v) if _finite(v) else "–" for v in values]
             axis.bar_label(bars, texts, fontsize=7, padding=1)
         _draw_chance(axis, chance, len(groups))
-        axis.set_xticks(range(len(groups)), labels, rotation=20 if len(groups) > 4 else 0,
-                        ha="right" if len(groups) > 4 else "center")
+        axis.set_xticks(range(len(groups)), labels, rotation=25 if slant else 0, ha="right" if slant else "center",
+                        rotation_mode="anchor")
         axis.set_ylabel(ylabel)
         if ylim:
             axis.set_ylim(*ylim)
         axis.set_title(title)
         axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         return Chart(title, _png(figure), legend)
+
+
+def _columns(text: str) -> int:
+    """Width in Latin-letter columns: a CJK character is about two wide."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def _draw_chance(axis, chance: Sequence[float | None] | None, groups: int) -> None:
@@ -163,6 +175,8 @@ def _draw_chance(axis, chance: Sequence[float | None] | None, groups: int) -> No
 def line_panels(title: str, panels: Sequence[Panel], xticks: Sequence[str] | None = None) -> Chart:
     """Side-by-side line charts sharing a title (e.g. loss and learning rate of one training stage); `xticks`
     names the x positions 0, 1, ... (e.g. models) instead of numbering them."""
+    from matplotlib.ticker import MaxNLocator
+
     labels, legend = drawable_labels(xticks) if xticks else ([], [])
     with _figure(4.2 * len(panels), 3.2) as figure:
         axes = figure.subplots(1, len(panels), squeeze=False)[0]
@@ -181,6 +195,8 @@ def line_panels(title: str, panels: Sequence[Panel], xticks: Sequence[str] | Non
             if labels:
                 axis.set_xticks(range(len(labels)), labels)
                 axis.set_xlim(-0.5, len(labels) - 0.5)
+            else:  # steps: no "2.5"
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.suptitle(title)
         return Chart(title, _png(figure), legend)
 

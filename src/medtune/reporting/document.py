@@ -127,7 +127,7 @@ def data(report: Report, charts: bool) -> Section:
         for entry in report.data:
             chart = figures.token_length_chart(entry)
             if chart is not None:
-                chart.title = f"{entry.stage}: {entry.file}"  # the caption names the file in full
+                chart.caption = f"{entry.stage}: {entry.file}"  # the file name in full, in any script
                 section.blocks.append(chart)
     return section
 

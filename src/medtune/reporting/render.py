@@ -38,7 +38,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 td.better { color: var(--good); background: var(--good-bg) !important; }
 td.worse { color: var(--bad); background: var(--bad-bg) !important; }
 td.multiline { white-space: pre-line; }
-figure { margin: 14px 0 22px; }
+figure { display: inline-block; vertical-align: top; margin: 10px 18px 18px 0; max-width: 100%; }
 figure img { max-width: 100%; height: auto; border:1px solid var(--line); border-radius:6px; background:#fff; }
 figcaption { color: var(--muted); font-size: .88rem; margin-top: 4px; }
 ol.legend { columns: 2; font-size: .88rem; color: var(--ink); margin: 6px 0 0; }
@@ -96,10 +96,11 @@ def _html_chart(chart: Chart) -> str:
     data = base64.b64encode(chart.png).decode("ascii")
     legend = ""
     if chart.legend:  # names the chart could only number (no CJK font where it was drawn)
-        items = "".join(f"<li>{escape(name)}</li>" for _, name in chart.legend)
+        items = "".join(f'<li value="{escape(number)}">{escape(name)}</li>' for number, name in chart.legend)
         legend = f'<ol class="legend">{items}</ol>'
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{escape(chart.title)}">'
-            f"<figcaption>{escape(chart.title)}</figcaption>{legend}</figure>")
+    caption = f"<figcaption>{escape(chart.caption)}</figcaption>" if chart.caption else ""
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{escape(chart.title)}">{caption}{legend}</figure>'
+
 
 
 def to_markdown(title: str, sections: list[Section]) -> str:
