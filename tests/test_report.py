@@ -205,6 +205,8 @@ def test_a_run_with_only_the_base_model_evaluated_still_reports(tmp_path, result
     assert "_No training stage ran._" in markdown and "_No drug-safety items to compare" in markdown
     assert "continued pretraining (pt), supervised fine-tuning (sft), preference optimisation (dpo)." in markdown
     assert html.count("<img ") == 2  # exam types and exam sets; no training, clin or data charts
+    _, markdown = write(tmp_path / "empty", {})
+    assert "_No evaluation results in this run._" in markdown and "_No timings recorded._" in markdown
 
 
 def test_without_a_cjk_font_chinese_names_are_numbered_on_the_chart_and_listed_beside_it(tmp_path, results,

@@ -58,7 +58,9 @@ def overview(report: Report) -> Section:
         section.blocks.append(Text(RANDOM_WEIGHTS_WARNING, "warning"))
     facts = [f"base model: {report.base_model or '–'}", f"created: {report.created or '–'}",
              f"output folder: {report.output_dir or '–'}"]
-    section.blocks += [Text(" · ".join(facts)), models_table(report)]
+    section.blocks.append(Text(" · ".join(facts)))
+    if report.models:
+        section.blocks.append(models_table(report))
     if report.skipped:
         skipped = ", ".join(STAGE_TITLES[s] for s in report.skipped)
         section.blocks.append(Text(f"Not run in this pipeline, so absent from every table: {skipped}.", "note"))

@@ -104,7 +104,7 @@ def data_table(report: Report) -> Table:
 
 
 def key_value_table(value) -> Table:
-    return Table(["key", "value"], [[key, _plain(leaf)] for key, leaf in flatten(value)])
+    return Table(["key", "value"], [[key or "(value)", _plain(leaf)] for key, leaf in flatten(value)])
 
 
 def _plain(value) -> str:
