@@ -48,6 +48,18 @@ def log_history(losses: list[float], rewards: bool = False) -> list[dict]:
     return entries
 
 
+def evaluation(overall: float, by_type: dict[str, float], generate: float | None, safety: dict[str, str],
+               rouge_l: float, bleu: float, perplexity: float) -> dict:
+    """One model's evaluations as the pipeline records them (CMB-Exam chance 0.2312, safety chance 0.25)."""
+    found = {"cmb_exam": exam(overall, by_type, 0.2312),
+             "safety": exam(0.5, {"药师考试": 0.5}, 0.25, safety_items(safety)),
+             "clin": {"rouge_l": rouge_l, "bleu": bleu, "answers": 10},
+             "perplexity": {"perplexity": perplexity, "tokens": 5000}}
+    if generate is not None:
+        found["cmb_exam_generate"] = exam(generate, {"医师考试": generate}, 0.2312)
+    return found
+
+
 @pytest.fixture
 def results() -> dict:
     return pipeline_results()
@@ -73,23 +85,13 @@ def pipeline_results() -> dict:
                     "peak_rss_mb": 950.0, "train_loss": 0.42},
         },
         "evaluations": {
-            "base": {"cmb_exam": exam(0.25, {"医师考试": 0.20, "护理考试": 0.30}, 0.2312),
-                     "cmb_exam_generate": exam(0.10, {"医师考试": 0.10}, 0.2312),
-                     "safety": exam(0.5, {"药师考试": 0.5}, 0.25, safety_items({"s1": "A", "s2": "A", "s3": "C",
-                                                                                "s4": "A"})),
-                     "clin": {"rouge_l": 0.1234, "bleu": 3.4, "answers": 10},
-                     "perplexity": {"perplexity": 123.4, "tokens": 5000}},
-            "sft": {"cmb_exam": exam(0.30, {"医师考试": 0.25, "护理考试": 0.35}, 0.2312),
-                    "cmb_exam_generate": exam(0.15, {"医师考试": 0.15}, 0.2312),
-                    "safety": exam(0.5, {"药师考试": 0.5}, 0.25, safety_items({"s1": "A", "s2": "B", "s3": "A",
-                                                                               "s4": "A"})),
-                    "clin": {"rouge_l": 0.2, "bleu": 5.0, "answers": 10},
-                    "perplexity": {"perplexity": 80.0, "tokens": 5000}},
-            "dpo": {"cmb_exam": exam(0.2875, {"医师考试": 0.275, "护理考试": 0.30}, 0.2312),
-                    "safety": exam(0.5, {"药师考试": 0.5}, 0.25, safety_items({"s1": "A", "s2": "B", "s3": "B",
-                                                                               "s4": SCRIPT})),
-                    "clin": {"rouge_l": 0.21, "bleu": 4.5, "answers": 10},
-                    "perplexity": {"perplexity": 82.5, "tokens": 5000}},
+            "base": evaluation(0.25, {"医师考试": 0.20, "护理考试": 0.30}, 0.10, {"s1": "A", "s2": "A", "s3": "C", "s4": "A"},
+                               0.1234, 3.4, 123.4),
+            "sft": evaluation(0.30, {"医师考试": 0.25, "护理考试": 0.35}, 0.15, {"s1": "A", "s2": "B", "s3": "A", "s4": "A"},
+                              0.2, 5.0, 80.0),
+            # generate mode not run for dpo
+            "dpo": evaluation(0.2875, {"医师考试": 0.275, "护理考试": 0.30}, None, {"s1": "A", "s2": "B", "s3": "B",
+                                                                               "s4": SCRIPT}, 0.21, 4.5, 82.5),
         },
         "data": [
             {"stage": "sft", "file": "data/sft/医疗对话.jsonl", "kind": "sft", "records": 1000,

@@ -52,6 +52,12 @@ def build_document(report: Report, charts: bool) -> list[Section]:
     return sections
 
 
+def _noted(section: Section, note: str) -> Section:
+    """The section with only a note saying why it is empty."""
+    section.blocks.append(Text(note, "note"))
+    return section
+
+
 def overview(report: Report) -> Section:
     section = Section("overview", "Overview")
     if report.random_weights:
@@ -70,8 +76,7 @@ def overview(report: Report) -> Section:
 def comparison(report: Report, charts: bool) -> Section:
     section = Section("models", "Models compared")
     if not report.measures:
-        section.blocks.append(Text("No evaluation results in this run.", "note"))
-        return section
+        return _noted(section, "No evaluation results in this run.")
     section.blocks += [
         Text("Every model was evaluated on the identical items. Δ columns give the change from the model to their "
              "left (percentage points for accuracies); the last column the change from the first model to the "
@@ -90,9 +95,8 @@ def safety(report: Report) -> Section:
     section = Section("safety", "Drug-safety answers that changed")
     comparison = report.safety
     if comparison is None:
-        section.blocks.append(Text("No drug-safety items to compare (the probe needs the base model and at least one "
-                                   "later model).", "note"))
-        return section
+        return _noted(section, "No drug-safety items to compare (the probe needs the base model and at least one "
+                               "later model).")
     fixed = sum(c.verdict == "fixed" for c in comparison.changes)
     broken = sum(c.verdict == "broken" for c in comparison.changes)
     section.blocks.append(Text(
@@ -107,8 +111,7 @@ def safety(report: Report) -> Section:
 def training(report: Report, charts: bool) -> Section:
     section = Section("training", "Training")
     if not report.training:
-        section.blocks.append(Text("No training stage ran.", "note"))
-        return section
+        return _noted(section, "No training stage ran.")
     section.blocks.append(training_table(report))
     for stage in report.training:
         if not stage.log_history:
@@ -121,8 +124,7 @@ def training(report: Report, charts: bool) -> Section:
 def data(report: Report, charts: bool) -> Section:
     section = Section("data", "Training data")
     if not report.data:
-        section.blocks.append(Text("No training data recorded.", "note"))
-        return section
+        return _noted(section, "No training data recorded.")
     section.blocks += [Text("Records each stage read, records dropped and why, and token lengths per record."),
                        data_table(report)]
     if charts:
@@ -143,7 +145,9 @@ def data_safety(report: Report) -> Section:
 
 def wall_time(report: Report) -> Section:
     section = Section("time", "Wall time per stage")
-    section.blocks.append(wall_time_table(report) if report.wall_times else Text("No timings recorded.", "note"))
+    if not report.wall_times:
+        return _noted(section, "No timings recorded.")
+    section.blocks.append(wall_time_table(report))
     return section
 
 
