@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def write_results(output_dir: Path, results: dict, title: str) -> None:
-    """results.json, results.md and results.png (when matplotlib is installed) from a score dictionary."""
+    """results.json, results.md and results.png from a score dictionary."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     lines = [f"# {title}", "", f"- model: `{results.get('model', '')}`",
@@ -24,28 +24,15 @@ def write_results(output_dir: Path, results: dict, title: str) -> None:
 
 
 def _bar_chart(path: Path, results: dict, title: str) -> None:
-    try:
-        import matplotlib
+    """Accuracy per exam class and overall, with the chance line when the results carry one. Without a CJK font
+    the Chinese class names are drawn as their row number in results.md (the shared chart helpers' fallback)."""
+    from medtune.reporting.charts import grouped_bars
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib import font_manager
-    except ImportError:
-        return
-    # Chinese labels need a CJK font; fall back to class indices when none is installed.
-    cjk = [f.name for f in font_manager.fontManager.ttflist if any(k in f.name for k in ("CJK", "Hei", "Song", "Kai"))]
-    if cjk:
-        plt.rcParams["font.sans-serif"] = [cjk[0]]
     rows = results["by_class"]
-    labels = [f"{r['exam_type']}/{r['exam_class']}" if cjk else f"class {i + 1}" for i, r in enumerate(rows)]
-    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
-    axis.bar(range(len(rows)), [100 * r["accuracy"] for r in rows], color="#3b7dd8")
-    axis.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
-    axis.set_ylim(0, 100)
-    axis.set_ylabel("accuracy (%)")
-    axis.axhline(100 * results["overall"], color="#d8553b", linestyle="--", label=f"overall {100 * results['overall']:.1f}%")
-    axis.legend()
-    axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    groups = [f"{r['exam_type']}\n{r['exam_class']}" for r in rows] + ["overall"]
+    accuracies = [100 * r["accuracy"] for r in rows] + [100 * results["overall"]]
+    model = Path(str(results.get("model") or "model")).name or "model"  # a folder path is too long for a legend
+    chance = results.get("chance")
+    chart = grouped_bars(title, groups, {model: accuracies}, "accuracy (%)", ylim=(0, 105),
+                         chance=[100 * chance] * len(groups) if chance is not None else None)
+    path.write_bytes(chart.png)
