@@ -36,8 +36,13 @@ def init_model(argv: list[str]) -> int:
 def data(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: medtune data check PATH... [options]\n\n"
-              "  check   validate data files and print counts, token-length percentiles and every problem")
+              "  check   validate data files and print counts, token-length percentiles and every problem\n"
+              "  scrub   replace personal information with placeholders: medtune data scrub PATH... --output_dir OUT")
         return 0
+    if argv[0] == "scrub":
+        from medtune.data.scrub import main as scrub
+
+        return scrub(argv[1:])
     if argv[0] != "check":
         raise ConfigError(f"unknown data command {argv[0]!r}; use `medtune data check PATH...`")
     from medtune.data.check import main as check
