@@ -114,7 +114,7 @@ def test_placeholders_are_consistent_within_a_record_and_restart_with_the_next()
 def test_look_alikes_stay():
     text = ("予阿莫西林0.5g tid、黄连素0.3g tid，停用何首乌、白芍。WBC 12.3×10^9/L，血红蛋白 98 g/L，诊断I10、"
             "E11.9。2024年3月起病，发病时间3天前，入院日期：2024-03-05。转呼吸与危重症医学科、心内科。"
-            "患者男，89岁，年龄≥90岁者慎用，心率96次/分，体重95kg，病程90天。")
+            "患者男，89岁，年龄≥90岁者慎用，90岁以上老人减量，心率96次/分，体重95kg，病程90天。徐长卿、刘寄奴煎服。")
     assert Replacer().scrub_fields([text]) == [text]
 
 
@@ -213,3 +213,8 @@ def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):
     report = json.loads(report_text)
     assert report["records"] == 200 and set(report["replaced"]) == set(KINDS)
     assert "\ntotal " in result.stdout and "200 records scrubbed" in result.stdout
+
+
+def test_help_names_the_options():
+    result = run_medtune("data", "scrub", "--help")
+    assert result.returncode == 0 and "--output_dir" in result.stdout and "[姓名1]" in result.stdout

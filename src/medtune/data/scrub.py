@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.data.pii import KINDS, Replacer
+from medtune.data.pii.names import load_name_dictionary
 from medtune.data.readers import (
     JSON_SUFFIXES,
     TEXT_SUFFIXES,
@@ -196,9 +197,12 @@ def format_table(report: dict) -> str:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    load_name_dictionary()  # once per process (about a second), so the rate below is the scrubbing itself
+    loaded = time.perf_counter()
     report = scrub_paths(args.paths, args.output_dir)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - loaded
     print(format_table(report))
     print(f"{report['records']} records scrubbed in {seconds:.1f}s ({report['records'] / max(seconds, 1e-9):.0f} "
-          f"records/s); report: {Path(args.output_dir) / REPORT_NAME}")
+          f"records/s, after {loaded - started:.1f}s loading jieba's dictionary); report: "
+          f"{Path(args.output_dir) / REPORT_NAME}")
     return 0

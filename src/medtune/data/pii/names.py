@@ -60,7 +60,7 @@ _lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)
-def _jieba():
+def load_name_dictionary():
     """jieba, initialised once (it builds its dictionary cache on first use, about a second)."""
     import logging
 
@@ -89,9 +89,10 @@ def surname_length(text: str) -> int:
 WORD_FREQUENCY, NAME_TAGGED_WORD_FREQUENCY = 20, 1000
 
 
+@lru_cache(maxsize=65536)
 def _word_tag(word: str) -> str:
     """jieba's part-of-speech tag of a dictionary word, '' for a word it does not know (or knows only as rare)."""
-    jieba = _jieba()
+    jieba = load_name_dictionary()
     return jieba.posseg.dt.word_tag_tab.get(word, "x") if jieba.dt.FREQ.get(word, 0) >= WORD_FREQUENCY else ""
 
 
@@ -100,7 +101,7 @@ def _dictionary_word(word: str) -> bool:
     tag = _word_tag(word)
     if not tag:
         return False
-    return not tag.startswith("nr") or _jieba().dt.FREQ[word] >= NAME_TAGGED_WORD_FREQUENCY
+    return not tag.startswith("nr") or load_name_dictionary().dt.FREQ[word] >= NAME_TAGGED_WORD_FREQUENCY
 
 
 def _name_chars(text: str, start: int, limit: int) -> int:
@@ -119,7 +120,7 @@ def _word_then_name_char(text: str, start: int, word: str, room: int) -> bool:
     """A three-character name whose first two characters happen to form a word (许国|华, 高爽|竹)."""
     if len(word) != 2 or room < 3 or surname_length(word) != 1:
         return False
-    nxt = _jieba().lcut(text[start + 2:start + 5], HMM=False)[0]
+    nxt = load_name_dictionary().lcut(text[start + 2:start + 5], HMM=False)[0]
     return len(nxt) == 1 and _is_cjk(nxt) and (_word_tag(nxt) or "x") in NAME_CHAR_TAGS
 
 
@@ -129,7 +130,7 @@ def name_after_cue(text: str, start: int) -> int:
     room = _name_chars(text, start, surname + 2) if surname else 0
     if room <= surname or text[start:start + surname] in WORD_SURNAMES:
         return 0
-    tokens = _jieba().lcut(text[start:start + surname + 4], HMM=True)
+    tokens = load_name_dictionary().lcut(text[start:start + surname + 4], HMM=True)
     first = tokens[0]
     if len(first) > surname:  # jieba joined the surname to what follows: a name, or a word such as 高热
         if len(first) > surname + 2:
@@ -145,7 +146,7 @@ def name_after_cue(text: str, start: int) -> int:
                 or _word_tag(given) in WORD_TAGS:
             return 0
         length = min(surname + len(given), room)
-    if length == surname + 1 < room and len(_jieba().lcut(text[start + length:start + length + 3], HMM=False)[0]) == 1:
+    if length == surname + 1 < room and len(load_name_dictionary().lcut(text[start + length:start + length + 3], HMM=False)[0]) == 1:
         length += 1  # jieba cut a three-character name short (欧阳明|华)
     return length if length > surname else 0
 
@@ -160,7 +161,7 @@ def names_after_cues(text: str) -> Iterator[Span]:
 def _token_starts(text: str, start: int, end: int) -> dict[int, str]:
     """jieba's tokens of text[start:end], by the position each starts at."""
     tokens, position = {}, start
-    for token in _jieba().lcut(text[start:end], HMM=False):  # dictionary words only: 请|白|桂兰, not 请白|桂兰
+    for token in load_name_dictionary().lcut(text[start:end], HMM=False):  # dictionary words only: 请|白|桂兰, not 请白|桂兰
         tokens[position] = token
         position += len(token)
     return tokens
