@@ -10,7 +10,6 @@ person tag (nr) is not used on its own: it tags drug and herb names such as 黄�
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -56,9 +55,6 @@ BEFORE_CUE = re.compile("(?:" + "|".join(sorted(BEFORE_CUES, key=len, reverse=Tr
 TITLE = re.compile("|".join(sorted(TITLES, key=len, reverse=True)))
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
-_lock = threading.Lock()
-
-
 @lru_cache(maxsize=1)
 def load_name_dictionary():
     """jieba, initialised once (it builds its dictionary cache on first use, about a second)."""
@@ -67,9 +63,8 @@ def load_name_dictionary():
     import jieba
     import jieba.posseg
 
-    with _lock:
-        jieba.setLogLevel(logging.WARNING)
-        jieba.initialize()
+    jieba.setLogLevel(logging.WARNING)
+    jieba.initialize()  # thread-safe inside jieba
     return jieba
 
 
@@ -135,19 +130,20 @@ def name_after_cue(text: str, start: int) -> int:
     if len(first) > surname:  # jieba joined the surname to what follows: a name, or a word such as 高热
         if len(first) > surname + 2:
             return 0  # longer than any name: a word or phrase (周围环境)
-        if _dictionary_word(first) and not _word_then_name_char(text, start, first, room):
+        if not _dictionary_word(first):
+            length = min(len(first), room)
+        elif _word_then_name_char(text, start, first, room):
+            length = 3
+        else:
             return 0
-        length = min(len(first), room)
-        if _dictionary_word(first):
-            length = len(first) + 1
     else:  # the surname stands alone (刘|秀英), and what follows is a given name unless it is a word (周|身)
         given = tokens[1] if len(tokens) > 1 else ""
-        if not given or not all(_is_cjk(c) for c in given) \
-                or _word_tag(given) in WORD_TAGS:
+        if not given or not all(_is_cjk(c) for c in given) or _word_tag(given) in WORD_TAGS:
             return 0
         length = min(surname + len(given), room)
-    if length == surname + 1 < room and len(load_name_dictionary().lcut(text[start + length:start + length + 3], HMM=False)[0]) == 1:
-        length += 1  # jieba cut a three-character name short (欧阳明|华)
+    if length == surname + 1 < room:
+        following = load_name_dictionary().lcut(text[start + length:start + length + 3], HMM=False)[0]
+        length += len(following) == 1  # jieba cut a three-character name short (欧阳明|华)
     return length if length > surname else 0
 
 
