@@ -174,6 +174,9 @@ def test_every_format_keeps_its_structure(tmp_path):
     assert json.loads((tmp_path / "out" / "array.json").read_text(encoding="utf-8")) == \
         [FORMATS["text.jsonl"][1]] * 2
     assert report["records"] == len(FORMATS) + 2 + 2
+    scrub_paths([str(source)], tmp_path / "again")  # deterministic: the same bytes every time
+    assert {p.relative_to(tmp_path / "out"): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} \
+        == {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()}
     assert report["files"][str(source / "sub" / "notes.txt")] == {
         "records": 2, "replaced": {**dict.fromkeys(KINDS, 0), "name": 2, "age": 1}}
 

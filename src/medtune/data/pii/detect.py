@@ -218,17 +218,22 @@ def _names(text: str) -> Iterator[Span]:
     return find_names(text)
 
 
-# Earlier recognizers win overlaps.
+# Earlier recognizers win overlaps. Those that need a digit are skipped on text without one (most prose).
+NEED_DIGITS = (find_id_numbers, find_bank_cards, find_record_numbers, find_phones, find_birth_dates,
+               find_street_addresses)
 RECOGNIZERS: tuple[Callable[[str], Iterator[Span]], ...] = (
-    find_emails, find_id_numbers, find_bank_cards, find_record_numbers, find_phones, find_birth_dates,
-    find_cued_addresses, find_street_addresses, find_old_ages, _names,
+    find_emails, *NEED_DIGITS[:5], find_cued_addresses, NEED_DIGITS[5], find_old_ages, _names,
 )
+DIGIT = re.compile(r"\d")
 
 
 def find_pii(text: str) -> list[Span]:
     """Non-overlapping spans of personal information in `text`, in order."""
     taken: list[Span] = []
+    has_digits = DIGIT.search(text) is not None
     for recognizer in RECOGNIZERS:
+        if recognizer in NEED_DIGITS and not has_digits or recognizer is find_emails and "@" not in text:
+            continue
         for span in recognizer(text):
             if all(span.end <= other.start or span.start >= other.end for other in taken):
                 taken.append(span)
