@@ -4,7 +4,6 @@ placeholders numbered per record, bad input refused with file:line, and a report
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +15,9 @@ from medtune.data.pii import KINDS
 from medtune.data.pii.replace import Replacer, find_in_record
 from medtune.data.scrub import REPORT_NAME, scrub_paths
 from medtune.errors import DataError
-from tests.conftest import run_medtune
 
-sys.path.insert(0, str(Path(__file__).parent / "data" / "pii"))
-from generate import generate  # noqa: E402  (the corpus generator lives with the test data)
+from .conftest import run_medtune
+from .data.pii.generate import generate  # the planted corpus lives with the test data
 
 NUMBER_KINDS = ("phone", "id_card", "record_no", "email", "address", "birth_date", "bank_card", "age")
 

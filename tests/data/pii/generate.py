@@ -225,7 +225,7 @@ DISEASES = [
          history="伴言语含糊，无头痛呕吐", exam="NIHSS评分 {v:4-12} 分，头颅CT未见出血",
          plan="发病4.5小时内予阿替普酶0.9mg/kg静脉溶栓"),
     dict(diagnosis="缺铁性贫血", icd="D50.9", dept="血液科", complaint="乏力、活动后心悸{n}个月",
-         history="月经量多2年", exam="血红蛋白 {v:68-95} g/L，MCV 72 fl，血清铁蛋白 6 μg/L",
+         history="月经量多2年", sex="女", exam="血红蛋白 {v:68-95} g/L，MCV 72 fl，血清铁蛋白 6 μg/L",
          plan="琥珀酸亚铁0.1g tid口服，维生素C同服"),
     dict(diagnosis="痛风性关节炎急性发作", icd="M10.9", dept="风湿免疫科", complaint="右足第一跖趾关节红肿热痛{n}天",
          history="发作前饮酒及进食海鲜", exam="血尿酸 {v:520-680} μmol/L，关节局部皮温升高",
@@ -296,7 +296,7 @@ def admission_note(w: RecordWriter) -> None:
     patient = p.name()
     age = p.choice([p.rng.randrange(18, 90), p.rng.randrange(90, 104), p.rng.randrange(45, 90)])
     born = p.birth(age, w.visit)
-    sex = p.choice(["男", "女"])
+    sex = disease.get("sex") or p.choice(["男", "女"])
     f.add("入院记录\n", p.choice(["姓名：", "患者姓名："]))
     f.item("name", patient)
     f.add(f"  性别：{sex}  年龄：")
@@ -357,12 +357,12 @@ def admission_note(w: RecordWriter) -> None:
 def outpatient_record(w: RecordWriter) -> None:
     p, f = w.p, w.field()
     disease = p.choice(DISEASES)
-    patient, age = p.name(), p.choice([p.rng.randrange(5, 90), p.rng.randrange(90, 101)])
-    f.add(f"{p.choice(DEPARTMENTS)}门诊病历  门诊号：")
+    patient, age = p.name(), p.choice([p.rng.randrange(18, 90), p.rng.randrange(90, 101)])
+    f.add(f"{disease['dept']}门诊病历  门诊号：")
     f.item("record_no", p.record_number())
     f.add("\n患者")
     f.item("name", patient)
-    f.add(f"，{p.choice(['男', '女'])}，")
+    f.add(f"，{disease.get('sex') or p.choice(['男', '女'])}，")
     w.age_text(f, age)
     if p.chance(0.3):  # a valid ID with no cue word: found by its check digit alone
         f.add("（")
@@ -412,7 +412,7 @@ def consultation_dialogue(w: RecordWriter) -> None:
     p = w.p
     disease = p.choice(DISEASES)
     patient, age = p.name(), p.choice([p.rng.randrange(20, 90), p.rng.randrange(90, 100)])
-    honorific = p.choice(["先生", "女士"])
+    honorific = "女士" if disease.get("sex") == "女" else p.choice(["先生", "女士"])
     doctor_surname = p.choice(SURNAMES)
     f = w.field()
     f.add(p.choice(["医生您好，", "大夫好，", "您好，"]), p.choice(["我叫", "本人", "患者姓名："]))

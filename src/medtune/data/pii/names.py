@@ -29,11 +29,12 @@ COMPOUND_SURNAMES = ("欧阳", "司马", "诸葛", "上官", "东方", "皇甫",
                      "夏侯", "轩辕", "令狐", "端木", "南宫", "独孤", "西门", "澹台", "申屠", "太史", "闻人", "呼延")
 
 # Surnames that are mostly everyday words in clinical text (患者应避免, 患者平卧, 时请医生): never taken as the
-# start of a name. 高, 黄, 周, 常, 易 … are too common as surnames for that: alone before a title they count only at
-# the start of a clause or after a verb that takes a person (，高医生 / 请高医生, not 血压高|医生).
-WORD_SURNAMES = set("时和于向经由及与同以从到后前给对为在将被请问叫是有无不也都还又再才就便已尚多少全双左右上下应但那"
+# start of a name. 于, 高, 黄, 周, 常, 易 … are too common as surnames for that: they start a name when jieba joins
+# them to what follows (患者于秀兰, but 患者于|外院), and alone before a title only at the start of a clause or after
+# a verb that takes a person (，高医生 / 请高医生, not 血压高|医生).
+WORD_SURNAMES = set("时和向经由及与同以从到后前给对为在将被请问叫是有无不也都还又再才就便已尚多少全双左右上下应但那"
                     "平权麻")
-FUNCTION_SURNAMES = WORD_SURNAMES | set("高黄周曾常易严明门")
+FUNCTION_SURNAMES = WORD_SURNAMES | set("于高黄周曾常易严明门")
 # jieba tags of words that are not given names (verbs, adverbs, prepositions, pronouns, numbers …)
 WORD_TAGS = {"v", "vd", "vn", "vi", "d", "p", "c", "u", "r", "f", "m", "q", "ad", "l", "i", "s"}
 # Characters that end a name: what clinical text puts right after one (患者张伟因…, 李静诉…, 家属王芳签字).
@@ -107,8 +108,9 @@ def _name_chars(text: str, start: int, limit: int) -> int:
     return end - start
 
 
-# Tags of single characters that end given names (竹 ng, 华 ns, 伟 zg, 梅 nr), unlike symptoms (痛 a, 吐 v, 热 n).
-NAME_CHAR_TAGS = {"ng", "ns", "zg", "j", "x", "nr", "nrfg", "nrt"}
+# Tags of single characters that end given names (竹 ng, 华 ns, 伟 zg, 梅 nr, 军 n), unlike adjectives and verbs
+# (痛 a, 吐 v).
+NAME_CHAR_TAGS = {"ng", "ns", "zg", "j", "x", "n", "nz", "nr", "nrfg", "nrt"}
 
 
 def _word_then_name_char(text: str, start: int, word: str, room: int) -> bool:
@@ -116,7 +118,8 @@ def _word_then_name_char(text: str, start: int, word: str, room: int) -> bool:
     if len(word) != 2 or room < 3 or surname_length(word) != 1:
         return False
     nxt = load_name_dictionary().lcut(text[start + 2:start + 5], HMM=False)[0]
-    return len(nxt) == 1 and _is_cjk(nxt) and (_word_tag(nxt) or "x") in NAME_CHAR_TAGS
+    return (len(nxt) == 1 and _is_cjk(nxt) and nxt not in AFTER_NAME and nxt not in WORD_SURNAMES
+            and (_word_tag(nxt) or "x") in NAME_CHAR_TAGS)  # not 严重|时: a function character
 
 
 def name_after_cue(text: str, start: int) -> int:
@@ -142,8 +145,10 @@ def name_after_cue(text: str, start: int) -> int:
             return 0
         length = min(surname + len(given), room)
     if length == surname + 1 < room:
+        # jieba cut a three-character name short: 欧阳明|华, or its last character joined to the next word (春|生于,
+        # 德|胜诉) where that word ends with a character that follows names
         following = load_name_dictionary().lcut(text[start + length:start + length + 3], HMM=False)[0]
-        length += len(following) == 1  # jieba cut a three-character name short (欧阳明|华)
+        length += len(following) == 1 or (len(following) == 2 and following[1] in AFTER_NAME)
     return length if length > surname else 0
 
 
