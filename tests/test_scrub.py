@@ -93,6 +93,17 @@ def test_planted_corpus_is_what_it_claims(corpus):
     assert sum(lookalikes.values()) >= 3000
 
 
+def test_nothing_is_found_in_the_bundled_corpus():
+    """Text we did not write for this test (guidelines, consultations, drug-safety answers, CMB-style items) holds
+    no personal information: every finding there would be a false positive."""
+    from medtune.paths import bundled_data_dir
+
+    files = sorted(bundled_data_dir().rglob("*.json*")) + sorted(bundled_data_dir().rglob("*.txt"))
+    lines = [line for path in files for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(files) >= 8 and len(lines) >= 1000
+    assert [line[max(0, s.start - 10):s.end + 5] for line in lines for s in find_in_record([line])[0]] == []
+
+
 def test_invalid_check_digit_is_an_id_only_after_an_id_cue():
     bad = "110105194912310021"  # the check digit of 11010519491231002 is X
     replaced = Replacer().scrub_fields([f"身份证号：{bad}", f"标本条码：{bad}", "旧身份证110105491231002"])
