@@ -218,6 +218,7 @@ def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):
     scrubbed = (tmp_path / "out" / "notes.jsonl").read_text(encoding="utf-8")
     values = {text[s:e] for record in records for text, spans in record for s, e, kind in spans
               if not kind.startswith("lookalike:")}
+    values = {v for v in values if not (v.isdigit() and len(v) < 6)}  # an age such as 95 may equal a count
     assert not [v for v in values if v in report_text or v in result.stdout]
     numbers = {v for record in records for text, spans in record for s, e, kind in spans
                if kind in ("phone", "id_card", "bank_card", "record_no", "email") for v in [text[s:e]]}
