@@ -35,11 +35,16 @@ def init_model(argv: list[str]) -> int:
 
 def data(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: medtune data check PATH... [options]\n\n"
-              "  check   validate data files and print counts, token-length percentiles and every problem")
+        print("usage: medtune data {check,scrub} PATH... [options]\n\n"
+              "  check   validate data files and print counts, token-length percentiles and every problem\n"
+              "  scrub   replace personal information with placeholders: medtune data scrub PATH... --output_dir OUT")
         return 0
+    if argv[0] == "scrub":
+        from medtune.data.scrub import main as scrub
+
+        return scrub(argv[1:])
     if argv[0] != "check":
-        raise ConfigError(f"unknown data command {argv[0]!r}; use `medtune data check PATH...`")
+        raise ConfigError(f"unknown data command {argv[0]!r}; use `medtune data check PATH...` or `medtune data scrub`")
     from medtune.data.check import main as check
 
     return check(argv[1:])
@@ -124,7 +129,7 @@ def pipeline(argv: list[str]) -> int:
 # command -> (handler, one-line description)
 COMMANDS = {
     "init-model": (init_model, "Build an embedded tiny model (GLM-4, Qwen2 or Llama layout) offline."),
-    "data": (data, "Data tools: `medtune data check PATH...` validates and describes data files."),
+    "data": (data, "Data tools: `check` validates and describes data files; `scrub` removes personal information."),
     "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
     "sft": (sft, "Supervised fine-tuning on conversations, assistant-only loss, packing (LoRA or full)."),
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
