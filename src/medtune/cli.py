@@ -33,16 +33,24 @@ def init_model(argv: list[str]) -> int:
     return 0
 
 
+DATA_COMMANDS = {  # name -> (module with main(argv), one-line description)
+    "check": ("medtune.data.check", "validate data files and print counts, token-length percentiles and every problem"),
+    "contamination": ("medtune.data.contamination", "find evaluation items inside training data (n-gram overlap); "
+                                                    "--write_clean drops those records"),
+    "convert": ("medtune.data.convert", "convert C-Eval / CMMLU CSV files into CMB-Exam items for `medtune eval`"),
+}
+
+
 def data(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: medtune data check PATH... [options]\n\n"
-              "  check   validate data files and print counts, token-length percentiles and every problem")
+        print("usage: medtune data <command> PATH... [options]\n\ncommands:")
+        print("\n".join(f"  {name:<14} {text}" for name, (_, text) in DATA_COMMANDS.items()))
         return 0
-    if argv[0] != "check":
-        raise ConfigError(f"unknown data command {argv[0]!r}; use `medtune data check PATH...`")
-    from medtune.data.check import main as check
+    if argv[0] not in DATA_COMMANDS:
+        raise ConfigError(f"unknown data command {argv[0]!r}; one of {', '.join(DATA_COMMANDS)}")
+    import importlib
 
-    return check(argv[1:])
+    return importlib.import_module(DATA_COMMANDS[argv[0]][0]).main(argv[1:])
 
 
 def pt(argv: list[str]) -> int:
@@ -124,7 +132,7 @@ def pipeline(argv: list[str]) -> int:
 # command -> (handler, one-line description)
 COMMANDS = {
     "init-model": (init_model, "Build an embedded tiny model (GLM-4, Qwen2 or Llama layout) offline."),
-    "data": (data, "Data tools: `medtune data check PATH...` validates and describes data files."),
+    "data": (data, "Data tools: check (validate, describe), contamination (eval items in training data), convert."),
     "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
     "sft": (sft, "Supervised fine-tuning on conversations, assistant-only loss, packing (LoRA or full)."),
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
