@@ -4,13 +4,16 @@
 
 Generates (deterministically, from a seed) `--records` synthetic medical-style training records in the three
 formats medtune trains on -- half pretraining text lines (.txt), 30% ShareGPT conversations, 20% preference pairs
-(.jsonl) -- with one bundled CMB item planted verbatim every 50,000 records, then streams them against the bundled
+(.jsonl) -- with 20 bundled CMB items planted verbatim at even intervals, then streams them against the bundled
 CMB-Exam and CMB-Clin items. Each path is timed over the same files, from reading the files to the overlap
 fractions (file reading, JSON parsing, validation, normalisation, n-gram lookup):
-- `read_only`: reading and validating the records and joining their text fields, no n-grams (the floor);
-- `builtin_hash` (what medtune runs): Python's own str hash over n-character slices, one C-level set scan;
-- `rolling_hash`: a polynomial rolling hash over code points in Python (the textbook alternative);
-The last line gives records/s of the shipped path and its speed relative to the rolling hash.
+- `read_only`: reading, validating and normalising the records, no n-grams (the floor);
+- `numpy_batch` (what medtune runs): polynomial hashes of every window of a batch of 256 records in a few numpy
+  array operations, a bitmap and a sorted array for the lookup;
+- `builtin_hash`: Python's own str hash over n-character slices of each record, one C-level set scan per record;
+- `rolling_hash`: a polynomial rolling hash over code points in Python, per record (the textbook alternative).
+Every path must find exactly the planted records. The last line gives records/s of the shipped path (wall and CPU
+seconds: on a shared machine wall time includes waiting for a core) and the ratios between the paths.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from medtune.data.contamination import EvalIndex, build_eval_index, normalise, s
 REPO = Path(__file__).resolve().parents[1]
 
 EVAL = [str(REPO / "data" / "eval" / "cmb")]
-PLANT_EVERY = 50_000
+PLANTED = 20
 SUBJECTS = ["患者", "老年女性", "青年男性", "孕妇", "患儿", "糖尿病患者", "高血压患者", "慢性肾病患者"]
 FINDINGS = ["反复咳嗽咳痰两周", "活动后胸闷气短", "上腹部隐痛伴反酸", "发热伴寒战三天", "双下肢水肿", "头晕乏力",
             "尿频尿急尿痛", "夜间阵发性呼吸困难", "血压控制不佳", "空腹血糖升高", "皮肤黄染", "关节红肿疼痛"]
@@ -49,12 +52,13 @@ def planted_texts() -> list[str]:
 def generate(folder: Path, records: int, seed: int = 0) -> int:
     """Write the training set; returns how many eval items were planted."""
     rng, plants, planted = random.Random(seed), planted_texts(), 0
+    every = max(1, records // PLANTED)
     with (open(folder / "pretrain.txt", "w", encoding="utf-8") as text,
           open(folder / "conversations.jsonl", "w", encoding="utf-8") as chats,
           open(folder / "preference.jsonl", "w", encoding="utf-8") as pairs):
         for number in range(records):
             body = sentence(rng) + sentence(rng)
-            if number % PLANT_EVERY == PLANT_EVERY - 1:
+            if number % every == every - 1 and planted < PLANTED:
                 body, planted = plants[planted % len(plants)], planted + 1
             kind = number % 10
             if kind < 5:
@@ -71,45 +75,44 @@ def generate(folder: Path, records: int, seed: int = 0) -> int:
 
 
 class ReadOnlyIndex(EvalIndex):
-    def overlaps(self, text: str) -> dict[int, float]:
-        return {}
+    def batch_overlaps(self, texts: list[str]) -> list[dict[int, float]]:
+        return [{} for _ in texts]
 
 
-class RollingHashIndex(EvalIndex):
-    """The same index keyed by a polynomial rolling hash (mod 2**64) computed in Python."""
+class PerRecordIndex(EvalIndex):
+    """The same items keyed by a hash that Python computes record by record (the comparison paths)."""
 
-    BASE, MASK = 1_000_003, (1 << 64) - 1
+    def __init__(self, source: EvalIndex, texts: list[str], hashes_of):
+        super().__init__(source.n)
+        self.items, self.too_short, self.hashes_of = source.items, source.too_short, hashes_of
+        for index, text in enumerate(texts):
+            self.own(index, set(hashes_of(normalise(text))))
 
-    def rolling(self, text: str) -> list[int]:
-        n, hashes, h = self.n, [], 0
-        drop = pow(self.BASE, n, 1 << 64)
-        codes = [ord(c) for c in text]
+    def batch_overlaps(self, texts: list[str]) -> list[dict[int, float]]:
+        keys = self.owners.keys()
+        return [{} if keys.isdisjoint(self.hashes_of(text)) else self.shares(self.hashes_of(text)) for text in texts]
+
+
+def builtin_hashes(n: int):
+    """Python's own str hash of each n-character slice, fed lazily to one C-level set scan."""
+    return lambda text: map(hash, [text[i:i + n] for i in range(len(text) - n + 1)])
+
+
+def rolling_hashes(n: int, base: int = 1_000_003, mask: int = (1 << 64) - 1):
+    """A polynomial rolling hash (mod 2**64) over code points, in Python."""
+    drop = pow(base, n, 1 << 64)
+
+    def hashes_of(text: str) -> list[int]:
+        hashes, h, codes = [], 0, [ord(c) for c in text]
         for i, code in enumerate(codes):
-            h = (h * self.BASE + code) & self.MASK
+            h = (h * base + code) & mask
             if i >= n:
-                h = (h - codes[i - n] * drop) & self.MASK
+                h = (h - codes[i - n] * drop) & mask
             if i >= n - 1:
                 hashes.append(h)
         return hashes
 
-    def rekey(self, source: EvalIndex, texts: list[str]) -> None:
-        self.items, self.too_short = source.items, source.too_short
-        for index, text in enumerate(texts):
-            for h in set(self.rolling(normalise(text))):
-                owner = self.owners.get(h)
-                self.owners[h] = index if owner is None else (*owner, index) if isinstance(owner, tuple) else (
-                    owner, index)
-
-    def overlaps(self, text: str) -> dict[int, float]:
-        hashes = self.rolling(normalise(text))
-        if self.owners.keys().isdisjoint(hashes):
-            return {}
-        shared: dict[int, int] = {}
-        for h in set(hashes):
-            owner = self.owners.get(h)
-            for index in (() if owner is None else owner if isinstance(owner, tuple) else (owner,)):
-                shared[index] = shared.get(index, 0) + 1
-        return {index: count / self.items[index].ngrams for index, count in shared.items()}
+    return hashes_of
 
 
 def eval_texts() -> list[str]:
@@ -152,15 +155,16 @@ def main() -> None:
         print(json.dumps({"generated_records": args.records, "planted": planted, "megabytes": round(size / 2**20, 1),
                           "seconds": round(time.perf_counter() - started, 1)}), flush=True)
         index, _ = build_eval_index(EVAL, args.ngram)
-        rolling = RollingHashIndex(args.ngram)
-        rolling.rekey(index, eval_texts())
-        read_only = ReadOnlyIndex(args.ngram)
-        rows = {name: timed(name, idx, folder, planted, args.threshold)
-                for name, idx in (("read_only", read_only), ("builtin_hash", index), ("rolling_hash", rolling))}
-    shipped, cpu = rows["builtin_hash"], "records_per_cpu_s"
+        texts = eval_texts()
+        paths = {"read_only": ReadOnlyIndex(args.ngram), "numpy_batch": index,
+                 "builtin_hash": PerRecordIndex(index, texts, builtin_hashes(args.ngram)),
+                 "rolling_hash": PerRecordIndex(index, texts, rolling_hashes(args.ngram))}
+        rows = {name: timed(name, idx, folder, planted, args.threshold) for name, idx in paths.items()}
+    shipped, cpu = rows["numpy_batch"], "records_per_cpu_s"
     print(json.dumps({"records_per_s": shipped["records_per_s"], "records_per_cpu_s": shipped[cpu],
                       "eval_items": len(index.items), "eval_ngrams": len(index.owners),
-                      "builtin_vs_rolling_cpu": round(shipped[cpu] / rows["rolling_hash"][cpu], 2),
+                      "numpy_vs_builtin_hash_cpu": round(shipped[cpu] / rows["builtin_hash"][cpu], 2),
+                      "builtin_vs_rolling_hash_cpu": round(rows["builtin_hash"][cpu] / rows["rolling_hash"][cpu], 2),
                       "share_of_read_only_speed_cpu": round(shipped[cpu] / rows["read_only"][cpu], 2)}))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -245,3 +247,14 @@ def test_clean_copy_inside_the_training_data_is_refused(tmp_path, capsys):
                    "--write_clean", str(tmp_path / "train" / "clean")) == (2, [
         f"medtune: error: --write_clean {tmp_path}/train/clean: must be outside the training data "
         f"({tmp_path}/train)"])
+
+
+def test_throughput_benchmark_finds_the_planted_records_on_every_path():
+    result = subprocess.run([sys.executable, "benchmarks/contamination_throughput.py", "--records", "2000"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows[0]["planted"] == 20
+    assert [(r["path"], r["records"], r["matches"]) for r in rows[1:5]] == [
+        ("read_only", 2000, 0), ("numpy_batch", 2000, 20), ("builtin_hash", 2000, 20), ("rolling_hash", 2000, 20)]
+    assert rows[-1]["records_per_s"] > 0
