@@ -1,13 +1,14 @@
 """`medtune data contamination`: find evaluation items that leaked into the training data, and drop them.
 
 Every evaluation item (a CMB-Exam question with its options, a CMB-Clin case description with its questions) is
-normalised and cut into overlapping character n-grams; their hashes go into one dict, so memory grows with the
-evaluation side only. The training data is then streamed record by record (any format medtune trains on: every
-text field of a record counts), and each record's n-grams are looked up. An item is contaminated by a record when
+normalised and cut into overlapping character n-grams; their 64-bit hashes go into one dict (hash -> items) plus a
+sorted array and a bitmap for the lookup, so memory grows with the evaluation side only. The training data is
+streamed record by record (any format medtune trains on: every text field of a record counts) and looked up in
+batches of 256 records. An item is contaminated by a record when
 the share of the item's n-grams found in that record reaches `--threshold`.
 
 Normalisation (both sides alike), so that re-typing an item does not hide it:
-1. Unicode NFKC: full-width letters, digits and punctuation become their half-width forms (`，（Ａ）` -> `,(A)`).
+1. Unicode NFKC: full-width letters and digits become their half-width forms (`Ａ５` -> `A5`).
 2. Stand-alone capital letters A-G are dropped: they are option labels (`A.`, `(B)`, `C、`, `D：`, `E 正后壁`), and
    an item re-typed with other labels, or none, must still match. Letters inside words (`aVF`, `HbA1c`) stay.
 3. Everything that is not a letter or a digit is dropped (whitespace, all punctuation and symbols), then lower case.
@@ -16,7 +17,6 @@ Normalisation (both sides alike), so that re-typing an item does not hide it:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -47,8 +47,6 @@ from medtune.data.records import (
     detect_format,
 )
 from medtune.errors import ConfigError, DataError, Problem
-
-logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES
 NORMALISATION = ("NFKC; stand-alone capital letters A-G (option labels) dropped; only letters and digits kept; "
@@ -286,8 +284,9 @@ def build_eval_index(locations: list[str], n: int) -> tuple[EvalIndex, list[str]
             index.add(str(path), record.id, record.source, eval_item_text(record))
     raise_if_problems(problems)
     if not index.items:
-        raise DataError([Problem(", ".join(locations), None, None, "no evaluation items long enough to check "
-                                                                   f"(at least {n} characters after normalisation)")])
+        raise DataError([Problem(", ".join(locations), None, None, "no evaluation items to check (CMB-Exam "
+                                                                   f"items or CMB-Clin cases of at least {n} "
+                                                                   "characters after normalisation)")])
     return index, notes
 
 
