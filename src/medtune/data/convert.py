@@ -76,7 +76,8 @@ def column_positions(header: list[str], layout: Layout, path: Path, line: int) -
     positions = {}
     for role in ("question", *OPTION_COLUMNS, "answer"):
         if role.lower() not in names:
-            hint = "; C-Eval test files hold no answers: convert the val or dev split" if role == "answer" else ""
+            no_answers = role == "answer" and layout.benchmark == "C-Eval"
+            hint = "; C-Eval test files hold no answers: convert the val or dev split" if no_answers else ""
             raise DataError([Problem(str(path), line, role, f"missing column (the header is {','.join(header)}; "
                                                             f"{layout.benchmark} files have {layout.header}){hint}")])
         positions[role] = names.index(role.lower())
