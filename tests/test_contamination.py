@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -149,8 +151,25 @@ def planted_run(planted_train, tmp_path_factory):
     out = tmp_path_factory.mktemp("contamination")
     argv = ["data", "contamination", "--train", *(str(planted_train / f) for f in TRAIN_FOLDERS),
             "--eval", str(CMB), "--report", str(out / "report.json"), "--write_clean", str(out / "clean")]
-    assert medtune_main(argv) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert medtune_main(argv) == 0
+    (out / "printed.txt").write_text(printed.getvalue(), encoding="utf-8")
     return json.loads((out / "report.json").read_text(encoding="utf-8")), out / "clean"
+
+
+def test_printed_table_lists_each_item_with_overlap_and_record(planted_run, planted_train):
+    _, clean = planted_run
+    lines = (clean.parent / "printed.txt").read_text(encoding="utf-8").splitlines()
+    rows = [line.split() for line in lines if line.startswith(("clin-", "test-", "val-"))]
+    assert [(row[0], row[1], row[2].removeprefix(f"{planted_train}/")) for row in rows][:3] == [
+        ("clin-01", "1.000", "pretrain/internal_medicine.txt:40"),
+        ("clin-02", "0.916", "finetune/medical_sharegpt_part1.jsonl:64"),
+        ("clin-03", "0.968", "reward/medical_preference.jsonl:231")]
+    assert len(rows) == 20
+    assert ("20 of 328 evaluation items contaminated (overlap >= 0.3 of their 13-grams) by 20 of 777 training "
+            "records in 6 files") in lines
+    assert f"wrote {clean}: 757 records kept, 20 removed" in lines
 
 
 def test_every_planted_item_is_found_at_its_line_and_nothing_else(planted_run, planted_train):
