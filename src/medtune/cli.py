@@ -33,21 +33,25 @@ def init_model(argv: list[str]) -> int:
     return 0
 
 
+DATA_COMMANDS = {  # name -> (module with main(argv), one-line description)
+    "check": ("medtune.data.check", "validate data files and print counts, token-length percentiles and every problem"),
+    "contamination": ("medtune.data.contamination", "find evaluation items inside training data (n-gram overlap); "
+                                                    "--write_clean drops those records"),
+    "scrub": ("medtune.data.scrub", "replace personal information with typed placeholders (--output_dir OUT)"),
+    "convert": ("medtune.data.convert", "convert C-Eval / CMMLU CSV files into CMB-Exam items for `medtune eval`"),
+}
+
+
 def data(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: medtune data {check,scrub} PATH... [options]\n\n"
-              "  check   validate data files and print counts, token-length percentiles and every problem\n"
-              "  scrub   replace personal information with placeholders: medtune data scrub PATH... --output_dir OUT")
+        print("usage: medtune data <command> PATH... [options]\n\ncommands:")
+        print("\n".join(f"  {name:<14} {text}" for name, (_, text) in DATA_COMMANDS.items()))
         return 0
-    if argv[0] == "scrub":
-        from medtune.data.scrub import main as scrub
+    if argv[0] not in DATA_COMMANDS:
+        raise ConfigError(f"unknown data command {argv[0]!r}; one of {', '.join(DATA_COMMANDS)}")
+    import importlib
 
-        return scrub(argv[1:])
-    if argv[0] != "check":
-        raise ConfigError(f"unknown data command {argv[0]!r}; use `medtune data check PATH...` or `medtune data scrub`")
-    from medtune.data.check import main as check
-
-    return check(argv[1:])
+    return importlib.import_module(DATA_COMMANDS[argv[0]][0]).main(argv[1:])
 
 
 def pt(argv: list[str]) -> int:
@@ -129,7 +133,7 @@ def pipeline(argv: list[str]) -> int:
 # command -> (handler, one-line description)
 COMMANDS = {
     "init-model": (init_model, "Build an embedded tiny model (GLM-4, Qwen2 or Llama layout) offline."),
-    "data": (data, "Data tools: `check` validates and describes data files; `scrub` removes personal information."),
+    "data": (data, "Data tools: check (validate, describe), scrub (remove personal information), contamination (eval items in training data), convert."),
     "pt": (pt, "Continued pretraining on medical text (LoRA or full fine-tuning)."),
     "sft": (sft, "Supervised fine-tuning on conversations, assistant-only loss, packing (LoRA or full)."),
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
