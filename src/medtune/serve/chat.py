@@ -119,8 +119,10 @@ def run_chat(model_args, adapter_args, generation_args, chat_args, out=None) -> 
     conversation = Conversation(chat_args.system_prompt)
     out.write(f"medtune chat · {backend.name}\n{NOTICE}\n{HELP}\n")
     while True:
+        out.write(">>> ")  # written here, not by input(), which sends it to stderr when stdin is a terminal
+        out.flush()
         try:
-            line = input(">>> ").strip()
+            line = input().strip()
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
             return 0
