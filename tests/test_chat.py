@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -112,11 +113,15 @@ def test_chat_streams_replies_keeps_history_and_obeys_clear_system_and_exit(glm4
     assert code == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
 
 
-def test_end_of_input_ends_the_chat_cleanly(glm4_dir, tmp_path):
+@pytest.mark.parametrize("leave", ["ctrl-d", "ctrl-c"])
+def test_end_of_input_or_ctrl_c_at_the_prompt_ends_the_chat_cleanly(glm4_dir, tmp_path, leave):
     terminal = Terminal(glm4_dir, tmp_path / "stderr.txt")
     try:
         terminal.read_until_prompt()
-        os.write(terminal.master, b"\x04")  # Ctrl-D at an empty prompt: end of input
+        if leave == "ctrl-d":
+            os.write(terminal.master, b"\x04")  # Ctrl-D at an empty prompt: end of input
+        else:  # what the terminal sends for Ctrl-C (the chat is not the pty's foreground job here)
+            terminal.process.send_signal(signal.SIGINT)
     except BaseException:
         terminal.close(failed=True)
         raise
