@@ -29,7 +29,9 @@ class Terminal:
         with open(stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "medtune", "chat", "--model", str(model), "--max_new_tokens",
-                 str(MAX_NEW_TOKENS), *args], stdin=slave, stdout=slave, stderr=stderr, env=env, close_fds=True)
+                 str(MAX_NEW_TOKENS), *args], stdin=slave, stdout=slave, stderr=stderr, env=env, close_fds=True,
+                # a pytest-xdist worker ignores SIGINT and a child would inherit that; a user's terminal does not
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         os.close(slave)
         self.buffer = b""
 
