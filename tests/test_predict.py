@@ -91,6 +91,22 @@ def test_a_run_cut_by_a_kill_resumes_to_the_same_file_as_an_uninterrupted_run(gl
     assert resumed.read_bytes() == complete
 
 
+def test_resuming_with_other_decoding_options_is_refused_and_the_file_kept(glm4_dir, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", RECORDS[:3])
+    output = tmp_path / "out.jsonl"
+    predict(glm4_dir, source, output, batch_size=3)
+    kept = b"".join(output.read_bytes().splitlines(keepends=True)[:1])
+    output.write_bytes(kept)
+    capsys.readouterr()
+    code = main(["predict", "--model", str(glm4_dir), "--input", source, "--output", str(output),
+                 "--max_new_tokens", "10", "--temperature", "0.5"])
+    assert code == 2 and output.read_bytes() == kept
+    assert capsys.readouterr().err.strip() == (
+        f"medtune: error: {output}: its 1 replies were made with other settings (changed: temperature; see "
+        "out.jsonl.settings.json); resume with the same options or choose another --output")
+    assert predict(glm4_dir, source, output, batch_size=3) == 2  # the same options carry on
+
+
 def test_n_sampled_replies_per_prompt_reproducible_by_seed(glm4_dir, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", RECORDS[:2])
     runs = {}

@@ -158,6 +158,41 @@ def append_lines(path: Path, records: list[dict]) -> None:
         handle.flush()
 
 
+def run_settings(model_args, adapter_args, generation_args, predict_args) -> dict:
+    """What the replies depend on: the model, adapter and template (with a fingerprint of their weights), the
+    device, the backend and every decoding option; batch size is left out (it changes no greedy reply's tokens
+    beyond floating-point noise, and a resume keeps the batches anyway)."""
+    import dataclasses
+
+    import torch
+
+    from medtune.eval.runner import folder_fingerprint
+    from medtune.models.loader import resolve_model_path
+
+    model, adapter = resolve_model_path(model_args.model_name_or_path), adapter_args.adapter_name_or_path
+    return {"model": model, "adapter": adapter, "template": model_args.template,
+            "tokenizer": model_args.tokenizer_name_or_path, "torch_dtype": model_args.torch_dtype,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "backend": predict_args.backend,
+            "model_weights": folder_fingerprint(model), "adapter_weights": folder_fingerprint(adapter),
+            **dataclasses.asdict(generation_args)}
+
+
+def check_same_settings(output: Path, settings: dict, answered: int) -> None:
+    """Refuse to append replies made another way to an output that already holds some (the file is the user's:
+    it is neither mixed nor moved); record the settings of a new output beside it (`OUTPUT.settings.json`)."""
+    from medtune.eval.runner import read_settings, write_atomically
+
+    settings_file = output.with_name(output.name + ".settings.json")
+    previous = read_settings(settings_file)
+    if answered and previous is not None and previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise ConfigError(f"{output}: its {answered} replies were made with other settings (changed: "
+                          f"{', '.join(changed)}; see {settings_file.name}); resume with the same options or "
+                          "choose another --output")
+    if previous != settings:
+        write_atomically(settings_file, json.dumps(settings, indent=2, ensure_ascii=False).encode())
+
+
 def run_predict(model_args, adapter_args, generation_args, predict_args) -> int:
     """Answer every prompt not yet in the output; returns how many lines were written."""
     from medtune.eval.runner import progress, read_predictions
@@ -168,6 +203,7 @@ def run_predict(model_args, adapter_args, generation_args, predict_args) -> int:
         raise ConfigError(f"{output}: --output is the --input file; choose another file")
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_predictions(output)  # a line cut by a kill is dropped here and its prompt answered again
+    check_same_settings(output, run_settings(model_args, adapter_args, generation_args, predict_args), len(done))
     size = predict_args.batch_size
     batches = [prompts[k:k + size] for k in range(0, len(prompts), size)]
     todo = [batch for batch in batches if any(str(p.id) not in done for p in batch)]
