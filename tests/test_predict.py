@@ -124,7 +124,7 @@ def test_bad_input_is_one_line_naming_file_line_and_field_and_nothing_is_written
     output = tmp_path / "out.jsonl"
     assert main(["predict", "--input", source, "--output", str(output)]) == 2
     assert capsys.readouterr().err.strip() == f"medtune: error: {source}:2: messages[0].content: empty"
-    assert not output.exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["in.jsonl"]  # nothing written
     repeated = write_jsonl(tmp_path / "twice.jsonl", [RECORDS[0], RECORDS[0]])
     assert main(["predict", "--input", repeated, "--output", str(output)]) == 2
     assert capsys.readouterr().err.strip() == (f"medtune: error: {repeated}:2: id: 'plain' repeats the id of "
@@ -141,4 +141,4 @@ def test_backend_vllm_without_vllm_or_a_gpu_is_one_line_and_exit_2(glm4_dir, tmp
     assert code == 2 and len(err) == 1
     assert err[0].startswith("medtune: error: --backend vllm: ") and err[0].endswith("use --backend hf "
                                                                                       "(transformers) instead")
-    assert not output.exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["in.jsonl"]  # nothing written

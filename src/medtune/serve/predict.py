@@ -142,11 +142,14 @@ class VLLMGenerator:
         return [[completion.text.strip() for completion in output.outputs] for output in outputs]
 
 
+def require_backend(backend: str) -> None:
+    missing = vllm_missing() if backend == "vllm" else None
+    if missing:
+        raise ConfigError(f"--backend vllm: {missing}; use --backend hf (transformers) instead")
+
+
 def make_generator(model_args, adapter_args, generation_args, predict_args):
     if predict_args.backend == "vllm":
-        missing = vllm_missing()
-        if missing:
-            raise ConfigError(f"--backend vllm: {missing}; use --backend hf (transformers) instead")
         return VLLMGenerator(model_args, adapter_args.adapter_name_or_path, predict_args.tensor_parallel_size,
                              generation_args.seed)
     return TransformersGenerator(model_args, adapter_args.adapter_name_or_path, predict_args.batch_size)
@@ -198,6 +201,7 @@ def run_predict(model_args, adapter_args, generation_args, predict_args) -> int:
     from medtune.eval.runner import progress, read_predictions
 
     prompts = read_prompts(predict_args.input)  # bad input stops here, before a model loads or a file is written
+    require_backend(predict_args.backend)
     output = Path(predict_args.output).expanduser()
     if output.resolve() == Path(predict_args.input).expanduser().resolve():
         raise ConfigError(f"{output}: --output is the --input file; choose another file")
