@@ -4,6 +4,8 @@ replies, seeded sampling, one-line errors for bad input and for --backend vllm w
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -142,3 +144,54 @@ def test_backend_vllm_without_vllm_or_a_gpu_is_one_line_and_exit_2(glm4_dir, tmp
     assert err[0].startswith("medtune: error: --backend vllm: ") and err[0].endswith("use --backend hf "
                                                                                       "(transformers) instead")
     assert [path.name for path in tmp_path.iterdir()] == ["in.jsonl"]  # nothing written
+
+
+class FakeVLLM:
+    """Stands in for the vllm package (not installable here): records what medtune passes to vLLM's documented
+    offline API (LLM, SamplingParams, generate with token-id prompts, LoRARequest) and answers in prompt order."""
+
+    def __init__(self):
+        self.engine_options, self.calls = None, []
+        fake = self
+
+        class LLM:
+            def __init__(self, **options):
+                fake.engine_options = options
+
+            def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+                fake.calls.append((prompts, params, lora_request))
+                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" reply {k}.{j}\n")
+                                                       for j in range(params.n)]) for k in range(len(prompts))]
+
+        self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+        self.lora = types.SimpleNamespace(LoRARequest=lambda *args: ("lora", *args))
+
+
+def test_vllm_backend_is_given_the_rendered_token_ids_stop_ids_seed_and_adapter(glm4_dir, tmp_path, monkeypatch):
+    from medtune.eval.backends import load_tokenizer_and_template
+    from medtune.serve import predict as module
+
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", fake.lora)
+    monkeypatch.setattr(module, "vllm_missing", lambda: None)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))
+    source = write_jsonl(tmp_path / "in.jsonl", RECORDS[:3])
+    output = tmp_path / "out.jsonl"
+    run_predict(ModelArguments(model_name_or_path=str(glm4_dir)), AdapterArguments(str(adapter)),
+                GenerationArguments(max_new_tokens=9, temperature=0.7, top_p=0.9, seed=3, num_return_sequences=2),
+                PredictArguments(input=source, output=str(output), backend="vllm", tensor_parallel_size=2))
+    assert fake.engine_options == {"model": str(glm4_dir), "tokenizer": str(glm4_dir), "dtype": "auto",
+                                   "trust_remote_code": False, "tensor_parallel_size": 2, "seed": 3,
+                                   "enable_lora": True, "max_lora_rank": 16}
+    _, template = load_tokenizer_and_template(str(glm4_dir), None, None)
+    (prompts, params, lora), = fake.calls
+    assert prompts == [{"prompt_token_ids": template.prompt_ids(EXPECTED_MESSAGES[key])}
+                       for key in ("plain", "with-system", 3)]
+    assert vars(params) == {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 9, "seed": 3,
+                            "stop_token_ids": template.stop_token_ids, "skip_special_tokens": True}
+    assert lora == ("lora", "adapter", 1, str(adapter.resolve()))
+    assert lines(output) == [{"id": key, "replies": [f"reply {k}.0", f"reply {k}.1"]}
+                             for k, key in enumerate(("plain", "with-system", 3))]
