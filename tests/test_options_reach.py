@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from transformers import TrainingArguments
 
-from medtune.config import EvalArguments, MergeArguments, ModelArguments, parse_arguments
+from medtune.config import (
+    AdapterArguments,
+    ChatArguments,
+    EvalArguments,
+    GenerationArguments,
+    MergeArguments,
+    ModelArguments,
+    PredictArguments,
+    parse_arguments,
+)
 from medtune.errors import ConfigError
 from medtune.stages import dpo, pt, sft
 
@@ -25,6 +34,10 @@ COMMANDS = {
     "dpo": (dpo.ARGUMENT_TYPES, ["stages/dpo.py", "data/preference.py", *COMMON]),
     "eval": ((ModelArguments, EvalArguments), ["eval/*.py", "models/loader.py"]),
     "merge": ((ModelArguments, MergeArguments), ["stages/merge.py", "models/loader.py"]),
+    "chat": ((ModelArguments, AdapterArguments, GenerationArguments, ChatArguments),
+             ["serve/chat.py", "eval/backends.py", "models/loader.py"]),
+    "predict": ((ModelArguments, AdapterArguments, GenerationArguments, PredictArguments),
+                ["serve/predict.py", "eval/backends.py", "models/loader.py"]),
 }
 # Options consumed while the options are parsed, each with the test below that shows its effect.
 CHECKED_WHEN_PARSED = {"model_type": "test_model_type_refuses_a_model_of_another_family"}

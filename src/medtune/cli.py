@@ -124,6 +124,35 @@ def merge(argv: list[str]) -> int:
     return 0
 
 
+def chat(argv: list[str]) -> int:
+    from medtune.config import (
+        AdapterArguments,
+        ChatArguments,
+        GenerationArguments,
+        ModelArguments,
+        parse_arguments,
+    )
+    from medtune.serve import chat as command
+
+    types = (ModelArguments, AdapterArguments, GenerationArguments, ChatArguments)
+    return command.run_chat(*parse_arguments(types, argv, prog="medtune chat", description=command.DESCRIPTION))
+
+
+def predict(argv: list[str]) -> int:
+    from medtune.config import (
+        AdapterArguments,
+        GenerationArguments,
+        ModelArguments,
+        PredictArguments,
+        parse_arguments,
+    )
+    from medtune.serve import predict as command
+
+    types = (ModelArguments, AdapterArguments, GenerationArguments, PredictArguments)
+    command.run_predict(*parse_arguments(types, argv, prog="medtune predict", description=command.DESCRIPTION))
+    return 0
+
+
 def pipeline(argv: list[str]) -> int:
     from medtune import pipeline as orchestration
 
@@ -139,6 +168,8 @@ COMMANDS = {
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
     "eval": (evaluate, "Evaluate: cmb-exam, cmb-score, cmb-clin, safety, ppl (local model or OpenAI endpoint)."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
+    "chat": (chat, "Talk to a model in the terminal (streamed, multi-turn, /system, /clear, /exit)."),
+    "predict": (predict, "Replies for every prompt of a file (batched, resumable; --backend vllm on a GPU)."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }
 

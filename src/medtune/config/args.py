@@ -388,17 +388,32 @@ EVAL_MODES = ("auto", "likelihood", "generate")
 
 
 @dataclass
-class EvalArguments:
-    """What to evaluate, against what, and how (all `medtune eval` commands)."""
+class AdapterArguments:
+    """A LoRA adapter used on top of the model (evaluation, chat, predict)."""
 
     adapter_name_or_path: str | None = field(
         default=None, metadata={"help": "A LoRA adapter applied to the model without merging."}
     )
+
+
+@dataclass
+class EvalArguments(AdapterArguments):
+    """What to evaluate, against what, and how (all `medtune eval` commands)."""
+
     endpoint: str | None = field(
-        default=None, metadata={"help": "An OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of a local "
-                                        "model; generate mode only."},
+        default=None, metadata={"help": "An OpenAI-compatible server (e.g. http://127.0.0.1:8000, or `medtune serve`) "
+                                        "instead of a local model; generate mode only. Requests go through the "
+                                        "official openai client, which retries 429 and 5xx replies with backoff."},
     )
     endpoint_model: str = field(default="default", metadata={"help": "The model name sent to the endpoint."})
+    endpoint_api_key: str | None = field(
+        default=None, metadata={"help": "API key of --endpoint (default: the OPENAI_API_KEY environment variable; "
+                                        "none for a server that needs no key)."},
+    )
+    endpoint_max_retries: int = field(
+        default=5, metadata={"help": "Retries of a request that fails with 429, 5xx, a timeout or a dropped "
+                                     "connection (exponential backoff from 0.5 s, or the server's Retry-After)."},
+    )
     data_dir: str | None = field(
         default=None, metadata={"help": "CMB folder with test.json, test_answers.json, val.json, clin.json (default: "
                                         "the bundled data/eval/cmb), or a file.", "aliases": ["--data"]},
@@ -434,6 +449,9 @@ class EvalArguments:
                                         "official four-criterion rubric."},
     )
     judge_model: str = field(default="default", metadata={"help": "cmb-clin: the judge's model name."})
+    judge_api_key: str | None = field(
+        default=None, metadata={"help": "cmb-clin: API key of --judge_endpoint (default: OPENAI_API_KEY)."}
+    )
     block_size: int = field(default=512, metadata={"help": "ppl: tokens per evaluation block."})
     num_samples: int = field(
         default=1, metadata={"help": "generate: sample N replies per item and keep the majority answer (the most "
@@ -454,6 +472,8 @@ class EvalArguments:
             raise ConfigError("shots must be >= 0 and batch_size >= 1")
         if self.num_samples < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("num_samples must be >= 1, temperature > 0 and top_p in (0, 1]")
+        if self.endpoint_max_retries < 0:
+            raise ConfigError("endpoint_max_retries must be >= 0")
 
 
 @dataclass
@@ -477,3 +497,85 @@ class MergeArguments:
             raise ConfigError("merge needs --lora_model (the adapter folder)")
         if not self.output_dir:
             raise ConfigError("merge needs --output_dir (a new folder for the merged model)")
+
+
+GENERATION_BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class GenerationArguments:
+    """How replies are decoded (`medtune chat`, `medtune predict`)."""
+
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest reply, in tokens."})
+    temperature: float = field(
+        default=0.0, metadata={"help": "Sampling temperature; 0 decodes greedily (the same reply every time)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (with --temperature > 0)."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of sampled replies: the same seed, prompt and options give the same "
+                                      "replies, whatever the batch or a resumed run's order."},
+    )
+    num_return_sequences: int = field(
+        default=1, metadata={"help": "predict: replies per prompt (more than 1 needs --temperature > 0).",
+                             "aliases": ["--n"]},
+    )
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_return_sequences < 1:
+            raise ConfigError("max_new_tokens and num_return_sequences (--n) must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.num_return_sequences > 1 and self.temperature == 0:
+            raise ConfigError(f"--n {self.num_return_sequences} greedy replies would all be the same; pass "
+                              "--temperature above 0 (e.g. 0.7) to sample them")
+
+
+DEFAULT_SYSTEM_PROMPT = ("你是一个医学信息助手，提供医学知识与健康信息，但你不是医生，不能替代医生的诊断和治疗；"
+                         "病情紧急或严重时请及时就医。 You are a medical information assistant: you give medical "
+                         "information, but you are not a doctor and do not replace a doctor's diagnosis or "
+                         "treatment; in an emergency, seek medical care.")
+
+
+@dataclass
+class ChatArguments:
+    """`medtune chat`: a conversation in the terminal."""
+
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={"help": "The system prompt a conversation starts with (default: a medical-information assistant "
+                          "that says it is not a doctor, in Chinese and English); '' for none. /system TEXT changes "
+                          "it during the chat."},
+    )
+    show_prompt_ids: bool = field(
+        default=False, metadata={"help": "Print the token ids of every rendered prompt before the reply (to check "
+                                         "what the model is given)."},
+    )
+
+
+@dataclass
+class PredictArguments:
+    """`medtune predict`: replies for every prompt or conversation of a file."""
+
+    input: str = field(
+        default="", metadata={"help": "A .jsonl/.json file of prompts: {id, prompt[, system]}, ShareGPT "
+                                      "{conversations}, OpenAI {messages} or Alpaca {instruction[, input, system, "
+                                      "history]}. A conversation that ends with an assistant turn is answered "
+                                      "again from the turn before it. id: the record's id, else its line number."},
+    )
+    output: str = field(
+        default="", metadata={"help": "The .jsonl file of replies, one line {id, replies} per input record. Appended "
+                                      "to: a re-run skips the ids already there (a line cut by a kill is redone)."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (greedy decoding)."})
+    backend: str = field(
+        default="hf", metadata={"help": "hf: transformers generate on this machine; vllm: vLLM's offline engine "
+                                        "(needs the vllm package and a CUDA GPU)."},
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs the model is split over."})
+
+    def __post_init__(self):
+        if not self.input or not self.output:
+            raise ConfigError("predict needs --input FILE.jsonl and --output FILE.jsonl")
+        _check_choice("backend", self.backend, GENERATION_BACKENDS)
+        if self.batch_size < 1 or self.tensor_parallel_size < 1:
+            raise ConfigError("batch_size and tensor_parallel_size must be >= 1")

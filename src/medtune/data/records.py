@@ -200,16 +200,21 @@ def to_conversation(record: dict, fmt: str) -> Conversation:
         messages = _messages(record, "messages", "role", "content")
         check_turn_order(messages, "messages", end_with="assistant")
     elif fmt == "alpaca":
-        system = _text(record, "system", required=False, allow_empty=True)
-        query = _text(record, "instruction")
-        extra_input = _text(record, "input", required=False, allow_empty=True)
-        if extra_input.strip():
-            query = f"{query}\n{extra_input}"
-        messages = ([{"role": "system", "content": system}] if system.strip() else []) + _pairs(record, "history")
-        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": _text(record, "output")}]
+        messages = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record, "output")}]
     else:
         raise RecordProblem(None, f"format {fmt!r} is not a conversation format")
     return Conversation(messages)
+
+
+def _alpaca_prompt(record: dict) -> list[dict[str, str]]:
+    """An Alpaca record's system prompt, history and question (instruction, plus input on its own line)."""
+    system = _text(record, "system", required=False, allow_empty=True)
+    query = _text(record, "instruction")
+    extra_input = _text(record, "input", required=False, allow_empty=True)
+    if extra_input.strip():
+        query = f"{query}\n{extra_input}"
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + _pairs(record, "history")
+    return messages + [{"role": "user", "content": query}]
 
 
 def _response(record: dict, key: str) -> str:
@@ -330,3 +335,46 @@ def convert(record: Any, fmt: str):
     if kind == "answers":
         return to_answer_key(record)
     return to_preference(record, fmt)
+
+
+@dataclass
+class Prompt:
+    """Something to answer (`medtune predict`): messages ending with a user turn."""
+
+    id: str | int
+    messages: list[dict[str, str]]
+    source: str = ""
+
+
+PROMPT_FORMATS = ("prompt", "sharegpt", "openai", "alpaca")
+
+
+def detect_prompt_format(record: Any) -> str | None:
+    """A conversation format, or "prompt" for a plain {prompt[, system, id]} record."""
+    fmt = detect_format(record)
+    if fmt in PROMPT_FORMATS:
+        return fmt
+    return "prompt" if isinstance(record, dict) and "prompt" in record and fmt is None else None
+
+
+def to_prompt(record: Any, fmt: str, line: int) -> Prompt:
+    """The messages to answer. A conversation that ends with an assistant turn (a training record) is asked again
+    from the user turn before it; an Alpaca `output` is ignored. The id is the record's `id`, else its line."""
+    if not isinstance(record, dict):
+        raise RecordProblem(None, f"expected a JSON object, got {type(record).__name__}")
+    if "id" in record:
+        _identifier(record)  # checks it; the output keeps it as written (a number stays a number)
+    identifier = record.get("id", line)
+    if fmt == "prompt":
+        system = _text(record, "system", required=False, allow_empty=True)
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        return Prompt(identifier, messages + [{"role": "user", "content": _text(record, "prompt")}])
+    if fmt == "alpaca":
+        return Prompt(identifier, _alpaca_prompt(record))
+    key, role_key, content_key = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role",
+                                                                                             "content")
+    messages = _messages(record, key, role_key, content_key)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    check_turn_order(messages, key, end_with="user")
+    return Prompt(identifier, messages)

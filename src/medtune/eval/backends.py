@@ -22,14 +22,10 @@ model writes it, whatever the template puts before it.
 from __future__ import annotations
 
 import functools
-import http.client
 import inspect
 import itertools
-import json
 import logging
-import time
-import urllib.error
-import urllib.request
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +87,23 @@ def shared_start_length(prompts: list[list[int]]) -> int:
     return best
 
 
+def load_tokenizer_and_template(model_path: str, adapter: str | None, template: str | None,
+                                trust_remote_code: bool = False, tokenizer_path: str | None = None,
+                                needs_chat_template: bool = True):
+    """(tokenizer, ChatTemplate) for inference on `model_path` (+ `adapter`): the one way every inference path
+    (evaluation, chat, predict, serve, vLLM) finds the tokenizer and chat template a model was trained with."""
+    from medtune.models.loader import load_chat_template, load_tokenizer
+
+    # An explicit --tokenizer_name_or_path wins; else an adapter trained by medtune carries the tokenizer and
+    # chat template it was trained with.
+    tokenizer_source = tokenizer_path or (
+        adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path)
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
+    # perplexity scores raw text and needs no chat template (a base model may have none)
+    chat_template = load_chat_template(model_path, tokenizer, template) if needs_chat_template else None
+    return tokenizer, chat_template
+
+
 class LocalBackend:
     """A model folder on this machine (GPU if available), scored in batches."""
 
@@ -100,16 +113,11 @@ class LocalBackend:
                  needs_chat_template: bool = True):
         import torch
 
-        from medtune.models.loader import load_chat_template, load_model, load_tokenizer, resolve_model_path
+        from medtune.models.loader import load_model, resolve_model_path
 
         model_path = resolve_model_path(model_path)
-        # An explicit --tokenizer_name_or_path wins; else an adapter trained by medtune carries the tokenizer and
-        # chat template it was trained with.
-        tokenizer_source = tokenizer_path or (
-            adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path)
-        self.tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
-        # perplexity scores raw text and needs no chat template (a base model may have none)
-        self.template = load_chat_template(model_path, self.tokenizer, template) if needs_chat_template else None
+        self.tokenizer, self.template = load_tokenizer_and_template(model_path, adapter, template, trust_remote_code,
+                                                                    tokenizer_path, needs_chat_template)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch_dtype if torch_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         model = load_model(model_path, torch_dtype=dtype, trust_remote_code=trust_remote_code,
@@ -274,18 +282,45 @@ class LocalBackend:
 
     # -- generation ---------------------------------------------------------------------------------------------
 
+    def decoding_options(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+        """`model.generate` keyword arguments: greedy at temperature 0, else sampled; stops at the template's stop
+        tokens."""
+        sampled = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        return {**sampled, "max_new_tokens": max_new_tokens, "eos_token_id": self.template.stop_token_ids,
+                "pad_token_id": self.tokenizer.pad_token_id}
+
+    def reply_ids(self, generated) -> list[int]:
+        """A generated row's reply: the tokens before its first stop token (the rest is the stop and padding)."""
+        stops = set(self.template.stop_token_ids)
+        ids = [int(token) for token in generated]
+        return next((ids[:k] for k, token in enumerate(ids) if token in stops), ids)
+
+    def decode(self, reply_ids: list[int]) -> str:
+        return self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 512,
                  min_new_tokens: int = 0, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  seed: int = 42) -> list[str]:
         """Replies in conversation order: greedy, in left-padded batches (`min_new_tokens` only for benchmarks); or,
         with `num_samples` N > 1, N sampled replies per conversation (conversation-major, as `num_return_sequences`).
+        See `generate_ids`."""
+        sampled = temperature if num_samples > 1 else 0.0
+        return [self.decode(ids) for ids in self.generate_ids(conversations, max_new_tokens, min_new_tokens,
+                                                              num_samples, sampled, top_p, seed)]
+
+    def generate_ids(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 512,
+                     min_new_tokens: int = 0, num_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 42) -> list[list[int]]:
+        """Each reply's token ids (stop token excluded), conversation-major: greedy at temperature 0, in left-padded
+        batches of `batch_size`; sampled otherwise, `num_samples` per conversation.
 
         Sampling runs one conversation at a time (its N samples are the batch) under a seed made of `seed` and the
         prompt, so an item's samples do not depend on which items share its batch or on a resumed run's order.
         """
         import torch
 
-        if num_samples > 1:
+        if temperature > 0:
             return [reply for messages in conversations
                     for reply in self._sample(messages, max_new_tokens, num_samples, temperature, top_p, seed)]
         replies = []
@@ -296,14 +331,13 @@ class LocalBackend:
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
             attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
             with torch.no_grad():
-                output = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                             eos_token_id=self.template.stop_token_ids, pad_token_id=pad)
-            replies += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                             min_new_tokens=min_new_tokens, **self.decoding_options(max_new_tokens))
+            replies += [self.reply_ids(row[width:]) for row in output for _ in range(num_samples)]
         return replies
 
     def _sample(self, messages: list[dict[str, str]], max_new_tokens: int, num_samples: int, temperature: float,
-                top_p: float, seed: int) -> list[str]:
+                top_p: float, seed: int) -> list[list[int]]:
         import zlib
 
         import torch
@@ -313,27 +347,37 @@ class LocalBackend:
         input_ids = torch.tensor([prompt], device=self.device)
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                         do_sample=True, temperature=temperature, top_p=top_p,
-                                         num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
-                                         eos_token_id=self.template.stop_token_ids,
-                                         pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row[len(prompt):], skip_special_tokens=True).strip() for row in output]
+                                         num_return_sequences=num_samples,
+                                         **self.decoding_options(max_new_tokens, temperature, top_p))
+        return [self.reply_ids(row[len(prompt):]) for row in output]
+
+
+def openai_base_url(endpoint: str) -> str:
+    """The base URL the openai client wants (ending in /v1) from any usual way of writing an endpoint: the server
+    (http://host:8000), its /v1 base, or the full /v1/chat/completions URL."""
+    base = endpoint.rstrip("/")
+    base = base.removesuffix("/chat/completions")
+    return base if base.endswith("/v1") else base + "/v1"
 
 
 class EndpointBackend:
-    """Any OpenAI-compatible chat endpoint; requests run concurrently."""
+    """Any OpenAI-compatible chat endpoint (vLLM, `medtune serve`, OpenAI), through the official `openai` client;
+    requests run concurrently.
+
+    The client retries a 408, 409, 429 or 5xx reply, a timeout and a dropped connection `max_retries` times with
+    exponential backoff (0.5 s doubling up to 8 s, with jitter, or the server's Retry-After up to 2 minutes). What
+    still fails becomes one line naming the endpoint and what to do (exit 2).
+    """
 
     def __init__(self, endpoint: str, model: str = "default", concurrency: int = 8, timeout: float = 600,
-                 api_key: str | None = None):
-        base = endpoint.rstrip("/")
-        if base.endswith("/chat/completions"):
-            self.url = base
-        elif base.endswith("/v1"):  # the usual OpenAI base-URL form
-            self.url = base + "/chat/completions"
-        else:
-            self.url = base + "/v1/chat/completions"
-        self.model_name, self.concurrency, self.timeout, self.api_key = model, concurrency, timeout, api_key
-        self.attempts = 3
+                 api_key: str | None = None, max_retries: int = 5, key_option: str = "--endpoint_api_key"):
+        from openai import OpenAI
+
+        self.url = openai_base_url(endpoint)
+        self.model_name, self.concurrency, self.key_option = model, concurrency, key_option
+        # A local server (vLLM, medtune serve without --api-key) takes no key, but the client insists on one.
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.client = OpenAI(base_url=self.url, api_key=key, max_retries=max_retries, timeout=timeout)
         self.name = f"{endpoint} ({model})"
 
     def choose(self, choices):
@@ -341,28 +385,27 @@ class EndpointBackend:
 
     def _one(self, messages: list[dict[str, str]], max_new_tokens: int, sampling: dict | None = None) -> str:
         """One reply: greedy (temperature 0), or sampled with `sampling` = {temperature, top_p, seed}."""
-        body = json.dumps({"model": self.model_name, "messages": messages, "max_tokens": max_new_tokens,
-                           **(sampling or {"temperature": 0})}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers)
-        for attempt in range(self.attempts):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500 or attempt == self.attempts - 1:  # a client error will not fix itself
-                    raise MedtuneError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
-            except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:  # resets, timeouts, bad JSON
-                if attempt == self.attempts - 1:
-                    raise MedtuneError(f"{self.url}: request failed after {self.attempts} attempts ({exc})") from None
-            time.sleep(2 ** attempt)
+        import openai
+
         try:
-            return (payload["choices"][0]["message"]["content"] or "").strip()
-        except (KeyError, IndexError, TypeError):
-            raise MedtuneError(f"{self.url}: unexpected response {str(payload)[:200]}") from None
+            completion = self.client.chat.completions.create(model=self.model_name, messages=messages,
+                                                             max_tokens=max_new_tokens,
+                                                             **(sampling or {"temperature": 0}))
+        except openai.AuthenticationError as exc:
+            raise MedtuneError(f"{self.url}: HTTP 401 unauthorized ({error_text(exc)}); pass the server's key with "
+                               f"{self.key_option} or OPENAI_API_KEY") from None
+        except openai.APITimeoutError:
+            raise MedtuneError(f"{self.url}: no reply within {self.client.timeout} s (after "
+                               f"{self.client.max_retries} retries)") from None
+        except openai.APIConnectionError as exc:
+            raise MedtuneError(f"{self.url}: cannot connect ({exc.__cause__ or exc}); is the server running (e.g. "
+                               "`medtune serve`) at that address?") from None
+        except openai.APIStatusError as exc:
+            raise MedtuneError(f"{self.url}: HTTP {exc.status_code} ({error_text(exc)})") from None
+        try:
+            return (completion.choices[0].message.content or "").strip()
+        except (AttributeError, IndexError, TypeError):
+            raise MedtuneError(f"{self.url}: unexpected response {str(completion)[:200]}") from None
 
     def generate(self, conversations, max_new_tokens: int = 512, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 42) -> list[str]:
@@ -375,3 +418,11 @@ class EndpointBackend:
                         for m in conversations for k in range(num_samples)]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda request: self._one(request[0], max_new_tokens, request[1]), requests))
+
+
+def error_text(exc) -> str:
+    """The server's own error message on one line (OpenAI-style {"error": {"message"}} or the body's start)."""
+    body = exc.body
+    if isinstance(body, dict):
+        body = (body.get("error") if isinstance(body.get("error"), dict) else body).get("message", body)
+    return " ".join(str(body or exc.message).split())[:200]

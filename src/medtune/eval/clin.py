@@ -138,7 +138,8 @@ def run_clin(model_args, eval_args) -> dict:
     if eval_args.judge_endpoint:
         from medtune.eval.backends import EndpointBackend
 
-        judge = EndpointBackend(eval_args.judge_endpoint, eval_args.judge_model)
+        judge = EndpointBackend(eval_args.judge_endpoint, eval_args.judge_model, api_key=eval_args.judge_api_key,
+                                max_retries=eval_args.endpoint_max_retries, key_option="--judge_api_key")
     if todo:
         backend = make_backend(model_args, eval_args)
         bar = progress(len(cases), len(cases) - len(todo), "cmb-clin")

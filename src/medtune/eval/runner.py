@@ -40,7 +40,8 @@ def make_backend(model_args, eval_args):
     if eval_args.endpoint:
         from medtune.eval.backends import EndpointBackend
 
-        return EndpointBackend(eval_args.endpoint, eval_args.endpoint_model)
+        return EndpointBackend(eval_args.endpoint, eval_args.endpoint_model, api_key=eval_args.endpoint_api_key,
+                               max_retries=eval_args.endpoint_max_retries)
     from medtune.eval.backends import LocalBackend
 
     return LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,

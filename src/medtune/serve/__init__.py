@@ -1,0 +1,1 @@
+"""Using a trained model: terminal chat, batch prediction over files, and serving."""
