@@ -255,6 +255,12 @@ class StageTrainingArguments(TrainingArguments):
         metadata={"help": "Stop after this many evaluations without a lower eval loss (needs an eval set); the "
                           "best checkpoint is loaded at the end."},
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: search the graph for parameters that got no gradient on every step. Off: every "
+                          "LoRA and full-fine-tuning parameter is used, and the search costs a graph traversal per "
+                          "step; turn on only for a model with conditional branches (e.g. mixture-of-experts)."},
+    )
 
     def __post_init__(self):
         if self.early_stopping_patience is not None:
@@ -271,7 +277,36 @@ class StageTrainingArguments(TrainingArguments):
             # the shipped GPU configs set bf16; transformers' own error does not say what to change
             raise ConfigError("bf16: true needs a GPU with bfloat16 support and none was found; on this machine "
                               "pass --bf16 false (and --torch_dtype float32) to train in float32")
+        join_cpu_processes_into_one_run()
         super().__post_init__()
+
+
+def launched_processes() -> int:
+    """How many processes torchrun / accelerate launch / mpirun started for this run (1 when run directly)."""
+    import os
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def join_cpu_processes_into_one_run() -> None:
+    """Several launched processes on a machine without a GPU form one data-parallel run (gloo), not N copies.
+
+    accelerate (which the Trainer uses to set up devices) treats launched processes as distributed only when it
+    finds an accelerator or is told to use the CPU; otherwise it opens a process group but reports
+    DistributedType.NO, so every process trained alone on the full data and saved over the others' files.
+    ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets; an environment variable rather than
+    `use_cpu=True` keeps the saved config free of a machine-specific option.
+    """
+    import os
+
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator()
+    if launched_processes() > 1 and (accelerator is None or accelerator.type == "mps"):
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def _bf16_accelerator() -> bool:

@@ -118,6 +118,14 @@ def prepare_training(training_args) -> str | None:
     return resume
 
 
+def log_process_group(training_args) -> None:
+    """One line per process under a launcher, so a log shows that every rank joined the same run."""
+    if training_args.world_size > 1:
+        logger.info("distributed run: process %d of %d (local %d) on %s, backend %s, %s", training_args.process_index,
+                    training_args.world_size, training_args.local_process_index, training_args.device,
+                    training_args.distributed_state.backend, training_args.parallel_mode.value)
+
+
 # Effective configs of stages started in this process, written once their model has loaded (see save_run_config).
 _configs_to_save: dict[int, tuple] = {}
 
@@ -132,7 +140,14 @@ def start_stage(model_args, training_args, configs: tuple):
     model_args.model_name_or_path = model_path
     refuse_output_in_model_folder(training_args.output_dir, model_path, model_args.tokenizer_name_or_path)
     resume = prepare_training(training_args)
+    log_process_group(training_args)
     _configs_to_save[id(training_args)] = configs
+    if training_args.local_process_index != 0:
+        # Under a launcher the node's main process (re)builds the tokenized cache inside main_process_first and
+        # the others then read it; a rebuild by each of them would delete the folder the others are reading.
+        for config in configs:
+            if getattr(config, "overwrite_cache", False):
+                config.overwrite_cache = False
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
     return resume, model_path, tokenizer
 
@@ -315,10 +330,9 @@ def correct_train_loss_after_resume(trainer, metrics: dict) -> None:
 def save_final_model(trainer, output_dir: Path) -> None:
     """Save into a staging folder and move the files into output_dir once all are written: a failed save (full
     disk) leaves output_dir as it was."""
-    # Each torchrun process keeps its own staging folder: processes that do not form one distributed run (CPU
-    # torchrun today, see issue 10) each save in full, and must not move or remove each other's files.
-    rank = os.environ.get("LOCAL_RANK")
-    staging = output_dir / (STAGING_FOLDER + (f"-{rank}" if rank not in (None, "0") else ""))
+    # Every process takes part in save_model (ZeRO-3 and FSDP gather the sharded weights there); only the main one
+    # writes, so only it prepares and moves the staging folder.
+    staging = output_dir / STAGING_FOLDER
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     with disk_full_reported(output_dir, staging, lambda: saved_weight_bytes(trainer.model),

@@ -1,0 +1,94 @@
+"""Training stages as one data-parallel run of 2 CPU processes (torchrun, gloo), checked against one process.
+
+DDP with 2 processes x per-device batch 4 sees the same 8 samples per step as one process with batch 8 (the
+sampler is seeded alike and accelerate deals the per-device batches out in order), and averages the gradients of
+the two halves, so the loss and gradient-norm trajectories must agree up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+# float32 sums taken in another order (two halves, then all-reduce) differ in the last bits. A rank training alone
+# (the old behaviour) would consume half the samples per step: the epoch check below catches that exactly.
+RELATIVE_TOLERANCE = 1e-5  # measured: 1.1e-7 (sft), resumed steps identical
+
+# a flat learning rate high enough for the loss to move in 4 steps
+STAGES = {
+    "pt": ["--config", str(REPO / "configs" / "pt_tiny.yaml"), "--learning_rate", "2e-2"],
+    "sft": ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--learning_rate", "3e-3"],
+}
+# dropout draws differ per process, so it is off
+COMMON = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--lora_dropout", "0",
+          "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--validation_split_percentage", "0",
+          "--report_to", "none", "--seed", "7"]
+
+
+def medtune(stage: str, model: Path, out: Path, cache: Path, *extra: str, processes: int = 1):
+    launcher = [sys.executable, "-m", "medtune"]
+    if processes > 1:  # --standalone: a free rendezvous port, so parallel test workers never collide
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    str(processes), "-m", "medtune"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               MEDTUNE_CACHE_DIR=str(cache))
+    result = subprocess.run([*launcher, stage, *STAGES[stage], *COMMON, "--model_name_or_path", str(model),
+                             "--output_dir", str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def trajectory(out: Path) -> dict[int, tuple[float, float, float]]:
+    """step -> (loss, grad_norm, epoch) from the run's trainer_state.json."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: (e["loss"], e["grad_norm"], e["epoch"]) for e in history if "loss" in e}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pt", "sft"])
+def test_two_cpu_processes_train_as_one_run(stage, glm4_dir, tmp_path):
+    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    cache = tmp_path / "cache"
+    result = medtune(stage, glm4_dir, two, cache, "--per_device_train_batch_size", "4", processes=2)
+
+    # both ranks joined one gloo process group, and the tokenized data was built once: rank 0 built it, rank 1 read it
+    for rank in (0, 1):
+        assert f"distributed run: process {rank} of 2" in result.stderr
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
+    assert result.stderr.count("loading tokenized data from cache") == 1
+    assert len(list((cache / "tokenized").iterdir())) == 2  # the cache folder and its lock file
+
+    # one set of outputs, written by rank 0 only
+    assert json.loads((two / "trainer_state.json").read_text())["global_step"] == 4
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(two.glob(".medtune-saving*"))
+    assert sorted(p.name for p in (two / "checkpoint-4").glob("rng_state*")) == ["rng_state_0.pth",
+                                                                                   "rng_state_1.pth"]
+    assert (two / "adapter_model.safetensors").is_file()
+
+    # the same trajectory as one process with the same global batch (8)
+    medtune(stage, glm4_dir, one, cache, "--per_device_train_batch_size", "8")
+    distributed, single = trajectory(two), trajectory(one)
+    assert sorted(distributed) == sorted(single) == [1, 2, 3, 4]
+    for step in distributed:
+        loss, grad_norm, epoch = distributed[step]
+        assert epoch == single[step][2]  # same number of samples consumed per step
+        assert loss == pytest.approx(single[step][0], rel=RELATIVE_TOLERANCE)
+        assert grad_norm == pytest.approx(single[step][1], rel=RELATIVE_TOLERANCE)
+    assert distributed[4][0] < distributed[1][0]  # it trained
+
+    # the distributed checkpoint resumes in one process and continues the same trajectory
+    medtune(stage, glm4_dir, resumed, cache, "--per_device_train_batch_size", "8",
+            "--resume_from_checkpoint", str(two / "checkpoint-2"))
+    after = trajectory(resumed)
+    for step in (3, 4):
+        assert after[step][0] == pytest.approx(distributed[step][0], rel=RELATIVE_TOLERANCE)
+        assert after[step][1] == pytest.approx(distributed[step][1], rel=RELATIVE_TOLERANCE)
