@@ -7,11 +7,13 @@ the two halves, so the loss and gradient-norm trajectories must agree up to floa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,3 +94,97 @@ def test_two_cpu_processes_train_as_one_run(stage, glm4_dir, tmp_path):
     for step in (3, 4):
         assert after[step][0] == pytest.approx(distributed[step][0], rel=RELATIVE_TOLERANCE)
         assert after[step][1] == pytest.approx(distributed[step][1], rel=RELATIVE_TOLERANCE)
+
+
+# --- the shipped launcher configs, loaded by the libraries that will read them, so a broken one fails CI ---
+
+DEEPSPEED_CONFIGS = {"zero2.json": (2, None), "zero3.json": (3, None), "zero3_offload.json": (3, "cpu")}
+
+
+def hf_deepspeed_config(path: Path, training_args: dict):
+    """transformers' HfTrainerDeepSpeedConfig for `path`, with the "auto" values filled from `training_args`.
+
+    With deepspeed installed this is what TrainingArguments(deepspeed=...) builds. Without it (CI, and any machine
+    without a CUDA toolchain), transformers swaps the class's base for `object`; the same methods are then put on
+    accelerate's HfDeepSpeedConfig, which is the base they are written for: parsing, "auto" filling and the
+    mismatch checks are transformers' and accelerate's own code, and none of it imports deepspeed.
+    """
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        args = TrainingArguments(deepspeed=str(path), **training_args)
+        return args.hf_deepspeed_config, args
+    methods = {name: value for name, value in vars(HfTrainerDeepSpeedConfig).items()
+               if name not in ("__init__", "__dict__", "__weakref__")}
+    config = type("TrainerDeepSpeedConfig", (HfDeepSpeedConfig,), methods)(str(path))
+    config._dtype, config.mismatches = None, []
+    args = TrainingArguments(**training_args)
+    config.trainer_config_process(args)
+    return config, args
+
+
+@pytest.mark.parametrize("name", sorted(DEEPSPEED_CONFIGS))
+def test_deepspeed_configs_fill_every_auto_value(name, glm4_dir, tmp_path):
+    from transformers import AutoConfig
+
+    stage, offload = DEEPSPEED_CONFIGS[name]
+    training_args = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                         learning_rate=1e-4, max_grad_norm=0.5, use_cpu=True)
+    config, args = hf_deepspeed_config(REPO / "configs" / "deepspeed" / name, training_args)
+    model = SimpleNamespace(config=AutoConfig.from_pretrained(glm4_dir))
+    config.trainer_config_finalize(args, model, num_training_steps=100)  # raises on a value contradicting the args
+
+    def autos(node, path=""):
+        if isinstance(node, dict):
+            return [p for key, value in node.items() for p in autos(value, f"{path}.{key}")]
+        return [path] if node == "auto" else []
+
+    assert autos(config.config) == []
+    assert config.get_value("zero_optimization.stage") == stage
+    assert config.get_value("train_micro_batch_size_per_gpu") == 2
+    assert config.get_value("train_batch_size") == 2 * 4 * args.world_size
+    assert config.get_value("gradient_clipping") == 0.5
+    assert config.get_value("bf16.enabled") is False  # from --bf16, not the file
+    hidden = model.config.hidden_size
+    assert config.get_value("zero_optimization.reduce_bucket_size") == hidden * hidden
+    assert config.get_value("zero_optimization.offload_optimizer.device") == offload
+    assert config.get_value("zero_optimization.offload_param.device") == offload
+    if offload:
+        assert config.get_value("optimizer.params.lr") == 1e-4
+
+
+def parse_accelerate_config(path: Path) -> tuple:
+    """`accelerate launch --config_file path`'s own parsing: the launch arguments and the environment it gives the
+    training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "medtune", "sft"])
+    args, _, _ = _validate_launch_command(args)
+    return args, prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("arch, layer", [("glm4", "GlmDecoderLayer"), ("qwen2", "Qwen2DecoderLayer"),
+                                         ("llama", "LlamaDecoderLayer")])
+def test_fsdp_config_shards_fully_and_wraps_each_decoder_layer(arch, layer, tiny_model, monkeypatch):
+    from accelerate import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM
+
+    args, env = parse_accelerate_config(REPO / "configs" / "accelerate" / "fsdp.yaml")
+    assert args.use_fsdp and args.num_processes == 8
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # full shard
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(arch))
+    plugin.set_auto_wrap_policy(model)
+    assert [cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]] == [layer]
+
+
+def test_multi_node_config_names_two_machines():
+    args, env = parse_accelerate_config(REPO / "configs" / "accelerate" / "multi_node.yaml")
+    assert (args.multi_gpu, args.num_machines, args.num_processes, args.rdzv_backend) == (True, 2, 16, "static")
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"

@@ -156,19 +156,31 @@ def load_training_model(model_path: str, model_args, training_args):
     """The model to train, in the dtype the precision flags imply, with the KV cache off (useless in training,
     and packed rows need it off to keep conversations apart). Once it has loaded, the data has been validated
     too, so the run's effective config is written now."""
-    from medtune.models.loader import load_model
+    from medtune.config import LoraArguments
+    from medtune.models.loader import load_model, quantization_config, resolve_dtype
 
+    configs = _configs_to_save.pop(id(training_args), None) or ()
+    lora_args = next((c for c in configs if isinstance(c, LoraArguments)), None)
+    compute_dtype = resolve_dtype(model_args.torch_dtype, training_args.bf16, training_args.fp16)
+    quantization = quantization_config(lora_args, compute_dtype) if lora_args else None
     model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
                        attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
-                       fp16=training_args.fp16)
-    configs = _configs_to_save.pop(id(training_args), None)
-    if configs is not None:
+                       fp16=training_args.fp16, quantization=quantization)
+    if configs:
         save_run_config(training_args, configs)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:
         # the reentrant variant needs inputs that require grad, which a frozen base under LoRA does not give
         training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
             "use_reentrant": False}
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # freezes the base, upcasts the unquantised weights (norms, embeddings, head) to float32 for stable
+        # training, and turns on gradient checkpointing only if it was asked for
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
     return model
 
 
