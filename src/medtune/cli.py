@@ -115,6 +115,12 @@ def merge(argv: list[str]) -> int:
     return 0
 
 
+def estimate_memory(argv: list[str]) -> int:
+    from medtune.estimate import main as estimate
+
+    return estimate(argv)
+
+
 def pipeline(argv: list[str]) -> int:
     from medtune import pipeline as orchestration
 
@@ -130,6 +136,7 @@ COMMANDS = {
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
     "eval": (evaluate, "Evaluate: cmb-exam, cmb-score, cmb-clin, safety, ppl (local model or OpenAI endpoint)."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
+    "estimate-memory": (estimate_memory, "Per-GPU training memory (LoRA, QLoRA, full; ZeRO 0-3) from a config.json."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }
 
