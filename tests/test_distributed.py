@@ -21,7 +21,8 @@ from .conftest import REPO
 
 # float32 sums taken in another order (two halves, then all-reduce) differ in the last bits. A rank training alone
 # (the old behaviour) would consume half the samples per step: the epoch check below catches that exactly.
-RELATIVE_TOLERANCE = 1e-5  # measured: 1.1e-7 (sft), resumed steps identical
+# measured: losses within 1.1e-7, gradient norms within 2.0e-5 (pt, steps 3-4); the resumed steps were identical.
+LOSS_TOLERANCE, GRAD_NORM_TOLERANCE = 1e-5, 1e-4
 
 # a flat learning rate high enough for the loss to move in 4 steps
 STAGES = {
@@ -83,8 +84,8 @@ def test_two_cpu_processes_train_as_one_run(stage, glm4_dir, tmp_path):
     for step in distributed:
         loss, grad_norm, epoch = distributed[step]
         assert epoch == single[step][2]  # same number of samples consumed per step
-        assert loss == pytest.approx(single[step][0], rel=RELATIVE_TOLERANCE)
-        assert grad_norm == pytest.approx(single[step][1], rel=RELATIVE_TOLERANCE)
+        assert loss == pytest.approx(single[step][0], rel=LOSS_TOLERANCE)
+        assert grad_norm == pytest.approx(single[step][1], rel=GRAD_NORM_TOLERANCE)
     assert distributed[4][0] < distributed[1][0]  # it trained
 
     # the distributed checkpoint resumes in one process and continues the same trajectory
@@ -92,8 +93,8 @@ def test_two_cpu_processes_train_as_one_run(stage, glm4_dir, tmp_path):
             "--resume_from_checkpoint", str(two / "checkpoint-2"))
     after = trajectory(resumed)
     for step in (3, 4):
-        assert after[step][0] == pytest.approx(distributed[step][0], rel=RELATIVE_TOLERANCE)
-        assert after[step][1] == pytest.approx(distributed[step][1], rel=RELATIVE_TOLERANCE)
+        assert after[step][0] == pytest.approx(distributed[step][0], rel=LOSS_TOLERANCE)
+        assert after[step][1] == pytest.approx(distributed[step][1], rel=GRAD_NORM_TOLERANCE)
 
 
 # --- the shipped launcher configs, loaded by the libraries that will read them, so a broken one fails CI ---

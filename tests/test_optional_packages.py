@@ -84,3 +84,39 @@ def test_missing_liger_kernel_names_the_extra(tmp_path):
     with pytest.raises(ConfigError, match=r"^--use_liger_kernel needs the liger-kernel package, which is not "
                                           r"installed: pip install 'medtune\[gpu\]' or pip install liger-kernel$"):
         SFTTrainingArguments(output_dir=str(tmp_path), use_liger_kernel=True)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_qlora_model_is_prepared_for_kbit_training(checkpointing, glm4_dir, tmp_path, monkeypatch):
+    """The wiring on a CUDA machine, with bitsandbytes' loading replaced: the quantisation settings reach
+    from_pretrained, and peft's k-bit preparation runs with the run's gradient-checkpointing choice."""
+    import peft
+
+    import medtune.models.loader as loader
+    import medtune.optional
+    from medtune.config import ModelArguments, SFTTrainingArguments
+    from medtune.stages import common
+
+    with monkeypatch.context() as cuda_machine:  # only while the options are checked
+        cuda_machine.setattr(torch.cuda, "is_available", lambda: True)
+        cuda_machine.setattr(medtune.optional, "is_installed", lambda module: True)
+        lora_args = LoraArguments(load_in_4bit=True)
+    model_args = ModelArguments(model_name_or_path=str(glm4_dir))
+    training_args = SFTTrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=checkpointing)
+    loaded, prepared = {}, {}
+    real_load = loader.load_model
+
+    def load_model(path, quantization=None, **kwargs):
+        loaded["quantization"] = quantization
+        return real_load(path, **kwargs)
+
+    def prepare(model, **kwargs):
+        prepared.update(kwargs)
+        return model
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", prepare)
+    common._configs_to_save[id(training_args)] = (model_args, lora_args, training_args)
+    common.load_training_model(str(glm4_dir), model_args, training_args)
+    assert loaded["quantization"].load_in_4bit and loaded["quantization"].bnb_4bit_quant_type == "nf4"
+    assert prepared["use_gradient_checkpointing"] is checkpointing
