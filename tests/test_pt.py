@@ -1,6 +1,7 @@
 """`medtune pt` end to end on the tiny GLM-4 model, as a user runs it (separate processes)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -126,14 +127,21 @@ def test_sigkill_then_resume_ends_with_the_same_loss(pt_run, tmp_path):
 
 
 def test_runs_under_torchrun_with_two_processes(pt_run, tmp_path):
+    """The two processes form one gloo data-parallel run (tests/test_distributed.py compares it with one process)."""
     model, _, _ = pt_run
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "medtune", "pt", *TINY,
-         "--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medtune", "pt",
+         *TINY, "--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4",
          "--save_steps", "4", "--report_to", "none"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 1 of 2" in result.stderr and "ParallelMode.DISTRIBUTED" not in result.stderr
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert not list(out.glob(".medtune-saving*"))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    # each process reads every other batch of 8 blocks: an epoch is half as many steps as in one process
+    blocks = json.loads((out / "data_stats.json").read_text())["train"]["blocks"]
+    assert state["epoch"] == pytest.approx(4 / math.ceil(math.ceil(blocks / 8) / 2))

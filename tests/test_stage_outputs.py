@@ -266,8 +266,8 @@ def test_flash_attention_without_flash_attn_falls_back_to_sdpa_with_one_warning(
         model = load_model(str(glm4_dir), attn_implementation="flash_attention_2")
     assert model.config._attn_implementation == "sdpa"
     assert [r.getMessage() for r in caplog.records] == [
-        "attn_implementation flash_attention_2 needs the flash-attn package and a CUDA GPU (pip install flash-attn); "
-        "using sdpa instead"]
+        "attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package (pip install "
+        "'medtune[gpu]' or pip install flash-attn); using sdpa instead"]
 
 
 @pytest.mark.slow

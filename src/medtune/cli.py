@@ -153,6 +153,12 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def estimate_memory(argv: list[str]) -> int:
+    from medtune.estimate import main as estimate
+
+    return estimate(argv)
+
+
 def pipeline(argv: list[str]) -> int:
     from medtune import pipeline as orchestration
 
@@ -170,13 +176,14 @@ COMMANDS = {
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
     "chat": (chat, "Talk to a model in the terminal (streamed, multi-turn, /system, /clear, /exit)."),
     "predict": (predict, "Replies for every prompt of a file (batched, resumable; --backend vllm on a GPU)."),
+    "estimate-memory": (estimate_memory, "Per-GPU training memory (LoRA, QLoRA, full; ZeRO 0-3) from a config.json."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }
 
 
 def usage() -> str:
     lines = [f"usage: medtune <command> [options]   (medtune {__version__})", "", "commands:"]
-    lines += [f"  {name:<12} {description}" for name, (_, description) in COMMANDS.items()]
+    lines += [f"  {name:<16} {description}" for name, (_, description) in COMMANDS.items()]
     lines += ["", "`medtune <command> --help` lists a command's options. Training stages also take "
                   "`--config FILE.yaml`;", "command-line options override the file."]
     return "\n".join(lines)

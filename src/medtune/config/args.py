@@ -89,9 +89,13 @@ def check_model_family(model_path: str | None, model_type: str) -> None:
                           "right --model_type (or auto) or the right model folder")
 
 
+QUANT_TYPES = ("nf4", "fp4")
+
+
 @dataclass
 class LoraArguments:
-    """LoRA through peft (the default) or full fine-tuning (`--use_peft false`)."""
+    """LoRA through peft (the default), QLoRA (LoRA on a base quantised to 4 or 8 bits by bitsandbytes, on a CUDA
+    GPU), or full fine-tuning (`--use_peft false`)."""
 
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter; false trains every weight."})
     target_modules: list[str] | None = field(
@@ -106,11 +110,51 @@ class LoraArguments:
         default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. embed_tokens lm_head."}
     )
 
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the base's linear layers in 4 bits (bitsandbytes, CUDA only; pip install "
+                          "'medtune[gpu]'), prepare it for k-bit training and train LoRA on top."},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Like load_in_4bit with 8-bit weights (LLM.int8)."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (NormalFloat, the QLoRA paper's) or fp4."}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantise the 4-bit block scales too (about 0.4 bits per weight saved)."}
+    )
+
     def __post_init__(self):
         if self.lora_rank <= 0:
             raise ConfigError(f"lora_rank must be positive, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check_choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, QUANT_TYPES)
+        if self.quantization_bits:
+            self._check_quantization()
+
+    @property
+    def quantization_bits(self) -> int | None:
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
+
+    def _check_quantization(self) -> None:
+        option = f"--load_in_{self.quantization_bits}bit"
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit: choose one")
+        if not self.use_peft:
+            raise ConfigError(f"{option} needs use_peft true: quantised weights cannot be trained in full (QLoRA "
+                              "trains a LoRA adapter on top of them)")
+        import torch
+
+        from medtune.optional import install_hint, is_installed
+
+        missing = [] if torch.cuda.is_available() else ["a CUDA GPU (none was found)"]
+        if not is_installed("bitsandbytes"):
+            missing.append(f"the bitsandbytes package ({install_hint('bitsandbytes')})")
+        if missing:
+            raise ConfigError(f"{option} (QLoRA) needs {' and '.join(missing)}; without them train LoRA on the "
+                              "unquantised model (drop the option)")
 
 
 REMAINDER_MODES = ("pad", "drop")
@@ -255,6 +299,12 @@ class StageTrainingArguments(TrainingArguments):
         metadata={"help": "Stop after this many evaluations without a lower eval loss (needs an eval set); the "
                           "best checkpoint is loaded at the end."},
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: search the graph for parameters that got no gradient on every step. Off: every "
+                          "LoRA and full-fine-tuning parameter is used, and the search costs a graph traversal per "
+                          "step; turn on only for a model with conditional branches (e.g. mixture-of-experts)."},
+    )
 
     def __post_init__(self):
         if self.early_stopping_patience is not None:
@@ -271,7 +321,47 @@ class StageTrainingArguments(TrainingArguments):
             # the shipped GPU configs set bf16; transformers' own error does not say what to change
             raise ConfigError("bf16: true needs a GPU with bfloat16 support and none was found; on this machine "
                               "pass --bf16 false (and --torch_dtype float32) to train in float32")
+        self._require_optional_packages()
+        join_cpu_processes_into_one_run()
         super().__post_init__()
+
+    def _require_optional_packages(self) -> None:
+        from medtune.optional import require_package
+
+        if self.deepspeed:
+            require_package("deepspeed", "--deepspeed")
+            if isinstance(self.deepspeed, str) and not Path(self.deepspeed).is_file():
+                raise ConfigError(f"{self.deepspeed}: no such DeepSpeed config file (ready ones: configs/deepspeed/)")
+        if self.use_liger_kernel:
+            require_package("liger_kernel", "--use_liger_kernel")
+
+
+def launched_processes() -> int:
+    """How many processes torchrun / accelerate launch / mpirun started for this run (1 when run directly)."""
+    import os
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def join_cpu_processes_into_one_run() -> None:
+    """Several launched processes on a machine without a GPU form one data-parallel run (gloo), not N copies.
+
+    accelerate (which the Trainer uses to set up devices) treats launched processes as distributed only when it
+    finds an accelerator or is told to use the CPU; otherwise it opens a process group but reports
+    DistributedType.NO, so every process trained alone on the full data and saved over the others' files.
+    ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets; an environment variable rather than
+    `use_cpu=True` keeps the saved config free of a machine-specific option.
+    """
+    import os
+
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator()
+    if launched_processes() > 1 and (accelerator is None or accelerator.type == "mps"):
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def _bf16_accelerator() -> bool:

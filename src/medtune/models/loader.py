@@ -108,8 +108,10 @@ def usable_attention(attn_implementation: str | None) -> str | None:
     from transformers.utils import is_flash_attn_2_available
 
     if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
-        logger.warning("attn_implementation flash_attention_2 needs the flash-attn package and a CUDA GPU (pip "
-                       "install flash-attn); using sdpa instead")
+        from medtune.optional import install_hint
+
+        logger.warning("attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package (%s); "
+                       "using sdpa instead", install_hint("flash_attn"))
         return "sdpa"
     return attn_implementation
 
@@ -128,9 +130,25 @@ def weights_format(path: str) -> dict:
     return {}
 
 
+def quantization_config(lora_args, compute_dtype):
+    """bitsandbytes settings for QLoRA (None without --load_in_4bit/--load_in_8bit): NF4 with double quantisation
+    by default, matmuls in the training dtype. The checks (CUDA, bitsandbytes) ran when the options were parsed."""
+    from transformers import BitsAndBytesConfig
+
+    if lora_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if not lora_args.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora_args.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=lora_args.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, bf16: bool = False, fp16: bool = False):
-    """A causal LM on the CPU (the Trainer or accelerate moves it), in the requested dtype."""
+               attn_implementation: str | None = None, bf16: bool = False, fp16: bool = False,
+               quantization=None):
+    """A causal LM on the CPU (the Trainer or accelerate moves it), in the requested dtype; a quantised one
+    (`quantization`, a BitsAndBytesConfig) is loaded straight onto this process's GPU, where bitsandbytes packs it."""
     from transformers import AutoModelForCausalLM
 
     check_remote_code(path, trust_remote_code)
@@ -142,6 +160,10 @@ def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool 
     attn_implementation = usable_attention(attn_implementation)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        import os
+
+        kwargs.update(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -118,6 +118,14 @@ def prepare_training(training_args) -> str | None:
     return resume
 
 
+def log_process_group(training_args) -> None:
+    """One line per process under a launcher, so a log shows that every rank joined the same run."""
+    if training_args.world_size > 1:
+        logger.info("distributed run: process %d of %d (local %d) on %s, backend %s, %s", training_args.process_index,
+                    training_args.world_size, training_args.local_process_index, training_args.device,
+                    training_args.distributed_state.backend, training_args.parallel_mode.value)
+
+
 # Effective configs of stages started in this process, written once their model has loaded (see save_run_config).
 _configs_to_save: dict[int, tuple] = {}
 
@@ -132,7 +140,14 @@ def start_stage(model_args, training_args, configs: tuple):
     model_args.model_name_or_path = model_path
     refuse_output_in_model_folder(training_args.output_dir, model_path, model_args.tokenizer_name_or_path)
     resume = prepare_training(training_args)
+    log_process_group(training_args)
     _configs_to_save[id(training_args)] = configs
+    if training_args.local_process_index != 0:
+        # Under a launcher the node's main process (re)builds the tokenized cache inside main_process_first and
+        # the others then read it; a rebuild by each of them would delete the folder the others are reading.
+        for config in configs:
+            if getattr(config, "overwrite_cache", False):
+                config.overwrite_cache = False
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
     return resume, model_path, tokenizer
 
@@ -141,19 +156,31 @@ def load_training_model(model_path: str, model_args, training_args):
     """The model to train, in the dtype the precision flags imply, with the KV cache off (useless in training,
     and packed rows need it off to keep conversations apart). Once it has loaded, the data has been validated
     too, so the run's effective config is written now."""
-    from medtune.models.loader import load_model
+    from medtune.config import LoraArguments
+    from medtune.models.loader import load_model, quantization_config, resolve_dtype
 
+    configs = _configs_to_save.pop(id(training_args), None) or ()
+    lora_args = next((c for c in configs if isinstance(c, LoraArguments)), None)
+    compute_dtype = resolve_dtype(model_args.torch_dtype, training_args.bf16, training_args.fp16)
+    quantization = quantization_config(lora_args, compute_dtype) if lora_args else None
     model = load_model(model_path, torch_dtype=model_args.torch_dtype, trust_remote_code=model_args.trust_remote_code,
                        attn_implementation=model_args.attn_implementation, bf16=training_args.bf16,
-                       fp16=training_args.fp16)
-    configs = _configs_to_save.pop(id(training_args), None)
-    if configs is not None:
+                       fp16=training_args.fp16, quantization=quantization)
+    if configs:
         save_run_config(training_args, configs)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:
         # the reentrant variant needs inputs that require grad, which a frozen base under LoRA does not give
         training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
             "use_reentrant": False}
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # freezes the base, upcasts the unquantised weights (norms, embeddings, head) to float32 for stable
+        # training, and turns on gradient checkpointing only if it was asked for
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
     return model
 
 
@@ -315,10 +342,9 @@ def correct_train_loss_after_resume(trainer, metrics: dict) -> None:
 def save_final_model(trainer, output_dir: Path) -> None:
     """Save into a staging folder and move the files into output_dir once all are written: a failed save (full
     disk) leaves output_dir as it was."""
-    # Each torchrun process keeps its own staging folder: processes that do not form one distributed run (CPU
-    # torchrun today, see issue 10) each save in full, and must not move or remove each other's files.
-    rank = os.environ.get("LOCAL_RANK")
-    staging = output_dir / (STAGING_FOLDER + (f"-{rank}" if rank not in (None, "0") else ""))
+    # Every process takes part in save_model (ZeRO-3 and FSDP gather the sharded weights there); only the main one
+    # writes, so only it prepares and moves the staging folder.
+    staging = output_dir / STAGING_FOLDER
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     with disk_full_reported(output_dir, staging, lambda: saved_weight_bytes(trainer.model),
