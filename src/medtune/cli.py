@@ -115,6 +115,15 @@ def merge(argv: list[str]) -> int:
     return 0
 
 
+def serve(argv: list[str]) -> int:
+    from medtune import serve as server
+    from medtune.config import AdapterArguments, ModelArguments, ServeArguments, parse_arguments
+
+    server.run_serve(*parse_arguments((ModelArguments, AdapterArguments, ServeArguments), argv, prog="medtune serve",
+                                      description=server.DESCRIPTION))
+    return 0
+
+
 def pipeline(argv: list[str]) -> int:
     from medtune import pipeline as orchestration
 
@@ -130,6 +139,7 @@ COMMANDS = {
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
     "eval": (evaluate, "Evaluate: cmb-exam, cmb-score, cmb-clin, safety, ppl (local model or OpenAI endpoint)."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
+    "serve": (serve, "An OpenAI-compatible HTTP server with a chat page (batched; --backend vllm on GPUs)."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }
 

@@ -1,6 +1,8 @@
 """Typed configuration: one dataclass per concern, filled from YAML and command-line overrides."""
 
 from medtune.config.args import (
+    AdapterArguments,
+    BackendArguments,
     DataArguments,
     DPOTrainingArguments,
     EvalArguments,
@@ -10,6 +12,7 @@ from medtune.config.args import (
     PreferenceDataArguments,
     PretrainDataArguments,
     PretrainTrainingArguments,
+    ServeArguments,
     SFTDataArguments,
     SFTTrainingArguments,
     StageTrainingArguments,
@@ -17,6 +20,9 @@ from medtune.config.args import (
 from medtune.config.loader import parse_arguments, save_effective_config
 
 __all__ = [
+    "AdapterArguments",
+    "BackendArguments",
+    "ServeArguments",
     "EvalArguments",
     "DPOTrainingArguments",
     "PreferenceDataArguments",
