@@ -191,6 +191,7 @@ class SteppedServer:
         from medtune.serve.engine import BatchingEngine
 
         self.args = ServeArguments(**options)
+        self.template = backend.template
         self.engine = BatchingEngine(backend, max_batch_size=self.args.max_batch_size,
                                      batch_wait_ms=self.args.batch_wait_ms)
         self.permits = threading.Semaphore(0)
@@ -284,6 +285,16 @@ def test_client_disconnect_cancels_its_generation(stepped):
     assert stats.steps < TOKENS_LIMIT - 1  # it did not run on to max_tokens
 
 
+def test_client_leaving_a_plain_request_cancels_it(stepped):
+    server = stepped()  # no permit: the request waits in the scheduler until its client gives up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", timeout=1, json={"messages": QUESTION, "max_tokens": 8})
+    wait_for(lambda: server.in_flight == 0, what="the server to notice the disconnect")
+    server.run_freely()
+    wait_for(lambda: server.engine.stats.cancelled == 1, what="the generation to be cancelled")
+    assert server.engine.stats.completed == 0 and server.engine.stats.steps == 0
+
+
 def test_content_is_logged_only_with_log_content(stepped, caplog):
     server = stepped(log_content=True)
     server.run_freely()
@@ -340,7 +351,20 @@ def test_chat_page_streams_an_answer(browser, stepped, tmp_path):
     assert not [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".turn.error")]
     answer = browser.find_element(By.CSS_SELECTOR, ".turn.assistant").text
     assert answer.startswith(reply[0]) and len(answer) > len(reply[0])
-    assert browser.find_element(By.CSS_SELECTOR, ".turn.user").text == "高血压患者可以喝咖啡吗？"
+    prompts = []  # a second turn: the server gets the whole conversation, system prompt first
+    submit = server.engine.submit
+    server.engine.submit = lambda prompt, *rest, **kw: prompts.append(prompt) or submit(prompt, *rest, **kw)
+    browser.find_element(By.ID, "question").send_keys("那每天最多喝几杯？")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".turn.assistant")) == 2
+                                     and b.find_element(By.ID, "send").is_enabled())
+    system = browser.find_element(By.ID, "system").get_attribute("value")
+    rendered = server.template.tokenizer.decode(prompts[0])
+    turns = [system, "高血压患者可以喝咖啡吗？", answer.strip(), "那每天最多喝几杯？"]
+    assert len(prompts) == 1 and all(turn in rendered for turn in turns)
+    assert sorted(turns, key=rendered.index) == turns
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".turn.user")] == [
+        "高血压患者可以喝咖啡吗？", "那每天最多喝几杯？"]
     screenshot = tmp_path / "serve_chat_page.png"
     browser.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")

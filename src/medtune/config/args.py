@@ -514,8 +514,7 @@ class ServeArguments(BackendArguments):
     port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)."})
     api_key: str | None = field(
         default=None, metadata={"help": "Clients must send `Authorization: Bearer KEY` to /v1/ routes (401 "
-                                        "otherwise). Default: the MEDTUNE_API_KEY environment variable; none: no key.",
-                                "aliases": ["--api-key"]},
+                                        "otherwise). Default: the MEDTUNE_API_KEY environment variable; none: no key."},
     )
     served_model_name: str | None = field(
         default=None, metadata={"help": "The model id /v1/models lists (default: the model folder's name). Requests "

@@ -11,10 +11,13 @@ import logging
 import time
 from importlib import resources
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
+from medtune.errors import MedtuneError
 from medtune.serve.engine import Finished, SamplingOptions
 from medtune.serve.protocol import (
     ApiError,
@@ -95,7 +98,10 @@ def create_app(engine, template, model_name: str, args) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = template.prompt_ids(messages)
+        try:
+            prompt = template.prompt_ids(messages)
+        except (MedtuneError, jinja2.TemplateError) as exc:  # e.g. a template that refuses a system message
+            raise ApiError(400, f"messages: the chat template cannot render them: {exc}", param="messages") from None
         log_request(request, body, messages)
         return await complete(service, request, body, [prompt], chat=True)
 
@@ -131,8 +137,9 @@ async def complete(service: Service, request: Request, body: SamplingRequest, pr
     reply_id = new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # the background task also runs when the client left before the stream started (close() is idempotent)
         return StreamingResponse(stream_events(run, reply_id, service.model_name, chat, include_usage),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", background=BackgroundTask(run.close))
     try:
         async for _ in run.events(poll_disconnect=True):
             pass

@@ -7,14 +7,15 @@ paged cache set-up for 3 prompts x 20 tokens. What a server needs is small: one 
 
 - waits a few milliseconds after the first request of an idle period so that requests arriving together start
   together (`batch_wait_ms`), and takes new requests in between decode steps while others are running;
-- runs each new prompt once on its own (no padding inside a prompt, so its first token is exactly what a
-  one-request `generate` computes) and appends its KV cache to the running batch, left-padded to a common length
-  with an attention mask that hides the padding;
+- runs the new prompts of a step together, left-padded (the attention mask hides the padding and positions count
+  real tokens only, as in a left-padded `generate`), and appends their KV cache to the running batch's, padded on
+  the left to a common length;
 - decodes one token for every running sequence per forward pass, each with its own temperature, top_p and
   seeded generator, so a reply does not depend on which requests share its batch;
 - drops finished and cancelled sequences from the batch right away, and the cache columns no sequence needs.
 
-Replies travel to the asyncio side through each request's queue (`loop.call_soon_threadsafe`).
+Tokens travel to the asyncio side through each request's queue, handed over once per step
+(`loop.call_soon_threadsafe`), so the event loop wakes once per step rather than once per token.
 """
 
 from __future__ import annotations
@@ -62,9 +63,6 @@ class Generation:
         self.cancelled = threading.Event()
         self.generator = torch.Generator().manual_seed(options.seed if options.seed is not None
                                                        else secrets.randbits(63))
-
-    def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, item))
 
     def cancel(self) -> None:
         """Stop generating (client gone, stop string seen); the scheduler drops it before its next step."""
@@ -124,6 +122,7 @@ class BatchingEngine:
         self._running: list[Running] = []
         self._cache = None  # the batch's KV cache, one row per running sequence
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 for real tokens, 0 for left padding
+        self._outbox: list[tuple[Generation, object]] = []  # what this step produced, delivered after it
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="medtune-engine", daemon=True)
 
@@ -158,9 +157,22 @@ class BatchingEngine:
                     self.step(arrivals)
                 except Exception as exc:  # a bug: fail the requests in flight, keep serving the next ones
                     logger.exception("generation failed")
-                    for item in [*arrivals, *(r.generation for r in self._running)]:
-                        item.emit(exc)
+                    for generation in [*arrivals, *(r.generation for r in self._running)]:
+                        self._emit(generation, exc)
                     self._running, self._cache, self._mask = [], None, None
+                self._deliver()
+
+    def _emit(self, generation: Generation, item) -> None:
+        self._outbox.append((generation, item))
+
+    def _deliver(self) -> None:
+        """Hand the step's tokens to the event loop in one call per loop: one wake-up per step, not per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for generation, item in self._outbox:
+            by_loop.setdefault(generation.loop, []).append((generation.queue, (generation.tag, item)))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(put_all, items)
 
     def _take_arrivals(self) -> list[Generation] | None:
         """New requests to join the batch (None: shutting down). When idle, blocks for the first one, then waits
@@ -181,33 +193,41 @@ class BatchingEngine:
             return arrivals
 
     def step(self, arrivals: list[Generation]) -> None:
-        """Admit `arrivals` (prefill each, first token), then decode one token for every running sequence."""
+        """Admit `arrivals` (one prefill pass, first tokens), then decode one token for every running sequence."""
         for generation in arrivals:
             if generation.cancelled.is_set():
                 self._finish(Running(generation), "cancelled")
-                continue
-            self._admit(generation)
+        arrivals = [g for g in arrivals if not g.cancelled.is_set()]
+        if arrivals:
+            self._admit(arrivals)
         self._drop_finished()
         if self._running:
             self._decode_step()
             self._drop_finished()
         self.stats.running = len(self._running)
 
-    def _admit(self, generation: Generation) -> None:
-        ids = torch.tensor([generation.prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        sequence = Running(generation)
-        self._join_batch(out[self.cache_keyword], len(generation.prompt_ids))
-        self._running.append(sequence)
-        self._accept(sequence, out.logits[0, -1])
+    def _admit(self, arrivals: list[Generation]) -> None:
+        """Run the new prompts together, left-padded (padding hidden by the mask; positions count real tokens
+        only), append their KV cache to the batch's and take each one's first token."""
+        width = max(len(g.prompt_ids) for g in arrivals)
+        ids = torch.zeros((len(arrivals), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(arrivals), width), dtype=torch.long, device=self.device)
+        for row, generation in enumerate(arrivals):
+            ids[row, width - len(generation.prompt_ids):] = torch.tensor(generation.prompt_ids)
+            mask[row, width - len(generation.prompt_ids):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        self._join_batch(out[self.cache_keyword], mask)
+        sequences = [Running(generation) for generation in arrivals]
+        self._running += sequences
+        self._accept_all(sequences, out.logits[:, -1])
 
-    def _join_batch(self, cache, length: int) -> None:
-        """Append a one-row cache of `length` tokens to the batch cache, left-padding the shorter side."""
-        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+    def _join_batch(self, cache, mask: torch.Tensor) -> None:
+        """Append new rows (their cache and mask) to the batch, left-padding the shorter side."""
         if self._cache is None:
             self._cache, self._mask = cache, mask
             return
-        width = max(length, self._mask.shape[1])
+        width = max(mask.shape[1], self._mask.shape[1])
         for batch_layer, new_layer in zip(self._cache.layers, cache.layers):
             batch_layer.keys = torch.cat([left_pad(batch_layer.keys, width), left_pad(new_layer.keys, width)])
             batch_layer.values = torch.cat([left_pad(batch_layer.values, width), left_pad(new_layer.values, width)])
@@ -224,23 +244,25 @@ class BatchingEngine:
         self.stats.steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, batch)
         self.stats.batch_sizes[batch] = self.stats.batch_sizes.get(batch, 0) + 1
-        for row, sequence in enumerate(self._running):
-            self._accept(sequence, logits[row])
+        self._accept_all(self._running, logits)
 
-    def _accept(self, sequence: Running, logits: torch.Tensor) -> None:
-        """Pick the sequence's next token and send it; mark the sequence finished when it ends its reply."""
-        generation = sequence.generation
-        token = sample_next_token(logits, generation.options, generation.generator)
-        sequence.generated += 1
-        sequence.last_token = token
-        generation.emit(token)
-        if token in self.stop_token_ids:
-            self._finish(sequence, "stop")
-        elif sequence.generated >= generation.options.max_tokens:
-            self._finish(sequence, "length")
+    def _accept_all(self, sequences: list[Running], logits: torch.Tensor) -> None:
+        """Each sequence's next token from its row of `logits`; mark those that end their reply finished."""
+        greedy = logits.argmax(dim=-1).tolist()  # one call for the whole batch; sampled rows draw on their own
+        for row, sequence in enumerate(sequences):
+            generation = sequence.generation
+            token = greedy[row] if generation.options.temperature == 0 else sample_next_token(
+                logits[row], generation.options, generation.generator)
+            sequence.generated += 1
+            sequence.last_token = token
+            self._emit(generation, token)
+            if token in self.stop_token_ids:
+                self._finish(sequence, "stop")
+            elif sequence.generated >= generation.options.max_tokens:
+                self._finish(sequence, "length")
 
     def _finish(self, sequence: Running, reason: str) -> None:
-        sequence.generation.emit(Finished(reason))
+        self._emit(sequence.generation, Finished(reason))
         sequence.done = True  # the next _drop_finished removes it from the batch
         if reason == "cancelled":
             self.stats.cancelled += 1
@@ -265,6 +287,11 @@ class BatchingEngine:
         for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, first_used:]
             layer.values = layer.values[index, :, first_used:]
+
+
+def put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -32,8 +32,8 @@ def require_vllm() -> None:
 class VllmGeneration:
     """One reply on vLLM; `cancel` aborts it there."""
 
-    def __init__(self, task_owner: VllmEngine, request_id: str):
-        self.owner, self.request_id, self.task = task_owner, request_id, None
+    def __init__(self, request_id: str):
+        self.request_id, self.task = request_id, None
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
@@ -80,7 +80,7 @@ class VllmEngine:
 
     def submit(self, prompt_ids: list[int], options: SamplingOptions, queue: asyncio.Queue,
                tag: int = 0) -> VllmGeneration:
-        generation = VllmGeneration(self, uuid.uuid4().hex)
+        generation = VllmGeneration(uuid.uuid4().hex)
         generation.task = asyncio.get_running_loop().create_task(self._run(generation, prompt_ids, options, queue, tag))
         return generation
 
