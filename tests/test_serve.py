@@ -369,3 +369,39 @@ def test_chat_page_streams_an_answer(browser, stepped, tmp_path):
     browser.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+# -- pieces -----------------------------------------------------------------------------------------------------
+
+
+def test_streamed_text_never_releases_part_of_a_stop_string(backend):
+    from medtune.serve.protocol import ReplyText
+
+    tokenizer = backend.tokenizer
+    ids = tokenizer("高血压患者可以喝咖啡吗？每天最多两杯。", add_special_tokens=False)["input_ids"]
+    full = tokenizer.decode(ids)
+    ends = [len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))]  # where each token's text ends
+    boundary = next(end for end in ends if end > 3 and not tokenizer.decode(ids[:ends.index(end) + 1]).endswith("\ufffd"))
+    stop = full[boundary - 1:boundary + 2]  # starts in one token's text, ends in a later one's
+    reply, released = ReplyText(tokenizer, [stop]), []
+    for token in ids:
+        reply.add(token)
+        released.append(reply.delta())
+        if reply.stopped:
+            break
+    released.append(reply.delta(final=True))
+    assert reply.stopped
+    assert "".join(released) == full[:full.index(stop)]  # nothing of the stop string was let out, then taken back
+
+
+def test_top_p_keeps_the_most_likely_token():
+    import torch
+
+    from medtune.serve.engine import SamplingOptions, sample_next_token
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    narrow = SamplingOptions(max_tokens=1, temperature=1.0, top_p=0.01)
+    assert {sample_next_token(logits, narrow, generator) for _ in range(50)} == {1}
+    wide = SamplingOptions(max_tokens=1, temperature=1.0, top_p=0.9)  # tokens 1 and 2 carry ~90% together
+    assert {sample_next_token(logits, wide, generator) for _ in range(200)} == {1, 2}

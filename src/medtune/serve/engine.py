@@ -54,14 +54,16 @@ class Generation:
     """One reply being generated: it puts `(tag, token id)` items on `queue` (an asyncio queue that the replies of
     one request share), then `(tag, Finished)`, or `(tag, exception)` if generation broke."""
 
-    def __init__(self, prompt_ids: list[int], options: SamplingOptions, queue: asyncio.Queue, tag: int = 0):
+    def __init__(self, prompt_ids: list[int], options: SamplingOptions, queue: asyncio.Queue, tag: int = 0,
+                 device: str = "cpu"):
         self.prompt_ids = prompt_ids
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.queue = queue
         self.tag = tag
         self.cancelled = threading.Event()
-        self.generator = torch.Generator().manual_seed(options.seed if options.seed is not None
+        # on the model's device: torch.multinomial draws with a generator of the device its input is on
+        self.generator = torch.Generator(device=device).manual_seed(options.seed if options.seed is not None
                                                        else secrets.randbits(63))
 
     def cancel(self) -> None:
@@ -139,7 +141,7 @@ class BatchingEngine:
 
     def submit(self, prompt_ids: list[int], options: SamplingOptions, queue: asyncio.Queue, tag: int = 0) -> Generation:
         """Queue one reply (called on the event loop); its tokens arrive on `queue` tagged `tag`."""
-        generation = Generation(prompt_ids, options, queue, tag)
+        generation = Generation(prompt_ids, options, queue, tag, self.device)
         with self._wake:
             self._waiting.append(generation)
             self._wake.notify()
