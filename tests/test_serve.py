@@ -287,11 +287,14 @@ def test_client_disconnect_cancels_its_generation(stepped):
 
 def test_client_leaving_a_plain_request_cancels_it(stepped):
     server = stepped()  # no permit: the request waits in the scheduler until its client gives up
+    generations = []
+    submit = server.engine.submit
+    server.engine.submit = lambda *args, **kwargs: generations.append(submit(*args, **kwargs)) or generations[-1]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", timeout=1, json={"messages": QUESTION, "max_tokens": 8})
-    wait_for(lambda: server.in_flight == 0, what="the server to notice the disconnect")
+    wait_for(lambda: generations and generations[0].cancelled.is_set(), what="the server to notice the disconnect")
     server.run_freely()
-    wait_for(lambda: server.engine.stats.cancelled == 1, what="the generation to be cancelled")
+    wait_for(lambda: server.engine.stats.cancelled == 1 and server.in_flight == 0, what="the cancel to finish")
     assert server.engine.stats.completed == 0 and server.engine.stats.steps == 0
 
 

@@ -31,7 +31,6 @@ from medtune.serve.protocol import (
 )
 
 logger = logging.getLogger("medtune.serve")
-DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 class Service:
@@ -140,8 +139,9 @@ async def complete(service: Service, request: Request, body: SamplingRequest, pr
         # the background task also runs when the client left before the stream started (close() is idempotent)
         return StreamingResponse(stream_events(run, reply_id, service.model_name, chat, include_usage),
                                  media_type="text/event-stream", background=BackgroundTask(run.close))
+    run.watcher = asyncio.create_task(cancel_when_client_leaves(request, run))
     try:
-        async for _ in run.events(poll_disconnect=True):
+        async for _ in run.events():
             pass
     finally:
         run.close()
@@ -160,23 +160,19 @@ class ReplyRun:
         self.tokens = [0] * len(generations)
         self.finish: list[str | None] = [None] * len(generations)
         self.closed = False
+        self.watcher: asyncio.Task | None = None  # a non-streamed request's disconnect watch
 
-    async def events(self, poll_disconnect: bool = False):
-        """Yield (index, text delta, finish reason or None) until every reply has finished."""
+    async def events(self):
+        """Yield (index, text delta, finish reason or None) until every reply has finished or been cancelled."""
         ended = set()
         while len(ended) < len(self.generations):
-            try:
-                tag, item = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if poll_disconnect and await self.request.is_disconnected():
-                    return  # nobody to answer: close() cancels the generations
-                continue
+            tag, item = await self.queue.get()
             reply = self.replies[tag]
             if isinstance(item, Exception):
                 raise item
             if isinstance(item, Finished):
                 ended.add(tag)
-                if self.finish[tag] is None:
+                if self.finish[tag] is None and item.reason != "cancelled":
                     self.finish[tag] = "stop" if item.reason == "stop" else "length"
                     yield tag, reply.delta(final=True), self.finish[tag]
                 continue
@@ -199,6 +195,8 @@ class ReplyRun:
         if self.closed:
             return
         self.closed = True
+        if self.watcher is not None:
+            self.watcher.cancel()
         for generation in self.generations:
             generation.cancel()
         self.service.in_flight -= len(self.generations)
@@ -208,6 +206,15 @@ class ReplyRun:
                     1000 * (time.monotonic() - self.started), left)
         if self.service.args.log_content:
             logger.info("reply content=%s", json.dumps([r.text for r in self.replies], ensure_ascii=False))
+
+
+async def cancel_when_client_leaves(request: Request, run: ReplyRun) -> None:
+    """A plain (non-streamed) request hears nothing from its client after the body; a disconnect message means
+    the client left, and its replies are cancelled (their generations then end the wait)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for generation in run.generations:
+        generation.cancel()
 
 
 def choice_body(chat: bool, index: int, text: str, finish: str | None) -> dict:
