@@ -80,6 +80,7 @@ def create_app(engine, template, model_name: str, args) -> FastAPI:
     add_error_handlers(app)
 
     app.add_middleware(Gate, service=service)
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return resources.files("medtune.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -101,17 +102,17 @@ def create_app(engine, template, model_name: str, args) -> FastAPI:
             prompt = template.prompt_ids(messages)
         except (MedtuneError, jinja2.TemplateError) as exc:  # e.g. a template that refuses a system message
             raise ApiError(400, f"messages: the chat template cannot render them: {exc}", param="messages") from None
-        log_request(request, body, messages)
+        log_request(request, messages)
         return await complete(service, request, body, [prompt], chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         prompts = [service.tokenizer(text)["input_ids"] for text in texts]
-        log_request(request, body, texts)
+        log_request(request, texts)
         return await complete(service, request, body, prompts, chat=False)
 
-    def log_request(request: Request, body: SamplingRequest, content) -> None:
+    def log_request(request: Request, content) -> None:
         if args.log_content:
             logger.info("%s %s content=%s", request.method, request.url.path, json.dumps(content, ensure_ascii=False))
 
@@ -234,7 +235,7 @@ async def stream_events(run: ReplyRun, reply_id: str, model_name: str, chat: boo
 
     def choice(index: int, text: str, finish: str | None, first: bool = False) -> dict:
         if not chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            return choice_body(False, index, text, finish)
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"index": index, "delta": delta, "finish_reason": finish}
 
@@ -249,7 +250,8 @@ async def stream_events(run: ReplyRun, reply_id: str, model_name: str, chat: boo
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are sent: the error becomes the last event
         logger.exception("generation failed")
-        yield f"data: {json.dumps(ApiError(500, f'generation failed: {type(exc).__name__}', kind='server_error').body())}\n\n"
+        error = ApiError(500, f"generation failed: {type(exc).__name__}", kind="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
     finally:
         run.close()
 
