@@ -158,7 +158,7 @@ def test_401_without_or_with_a_wrong_key(served):
     ({"messages": [{"role": "doctor", "content": "你好"}]}, "messages.0.role"),
     ({"messages": []}, "messages"),
     ('{"messages": [{"role": "user", "content": "头痛', None),
-])
+], ids=["max_tokens_over_limit", "bad_role", "empty_messages", "malformed_json"])
 def test_400_with_an_openai_error_body(served, body, param):
     content = body if isinstance(body, str) else json.dumps(body)
     response = httpx.post(served[0] + "/v1/chat/completions", content=content.encode(),
