@@ -159,6 +159,15 @@ def estimate_memory(argv: list[str]) -> int:
     return estimate(argv)
 
 
+def serve(argv: list[str]) -> int:
+    from medtune import serve as server
+    from medtune.config import AdapterArguments, ModelArguments, ServeArguments, parse_arguments
+
+    server.run_serve(*parse_arguments((ModelArguments, AdapterArguments, ServeArguments), argv, prog="medtune serve",
+                                      description=server.DESCRIPTION))
+    return 0
+
+
 def pipeline(argv: list[str]) -> int:
     from medtune import pipeline as orchestration
 
@@ -177,6 +186,7 @@ COMMANDS = {
     "chat": (chat, "Talk to a model in the terminal (streamed, multi-turn, /system, /clear, /exit)."),
     "predict": (predict, "Replies for every prompt of a file (batched, resumable; --backend vllm on a GPU)."),
     "estimate-memory": (estimate_memory, "Per-GPU training memory (LoRA, QLoRA, full; ZeRO 0-3) from a config.json."),
+    "serve": (serve, "An OpenAI-compatible HTTP server with a chat page (batched; --backend vllm on GPUs)."),
     "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
 }
 

@@ -2,6 +2,7 @@
 
 from medtune.config.args import (
     AdapterArguments,
+    BackendArguments,
     ChatArguments,
     DataArguments,
     DPOTrainingArguments,
@@ -14,6 +15,7 @@ from medtune.config.args import (
     PreferenceDataArguments,
     PretrainDataArguments,
     PretrainTrainingArguments,
+    ServeArguments,
     SFTDataArguments,
     SFTTrainingArguments,
     StageTrainingArguments,
@@ -25,6 +27,8 @@ __all__ = [
     "ChatArguments",
     "GenerationArguments",
     "PredictArguments",
+    "BackendArguments",
+    "ServeArguments",
     "EvalArguments",
     "DPOTrainingArguments",
     "PreferenceDataArguments",

@@ -7,6 +7,7 @@ Each option is declared once here; a stage combines the dataclasses it needs.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -643,7 +644,71 @@ class ChatArguments:
 
 
 @dataclass
-class PredictArguments:
+class BackendArguments:
+    """Which engine generates replies (`medtune serve`, `medtune predict`)."""
+
+    backend: str = field(
+        default="hf", metadata={"help": "hf: transformers on this machine (CPU or GPU); "
+                                        "vllm: vLLM's engine (needs the vllm package and a CUDA GPU)."},
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs the model is split over."})
+
+    def __post_init__(self):
+        _check_choice("backend", self.backend, GENERATION_BACKENDS)
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be >= 1")
+
+
+@dataclass
+class ServeArguments(BackendArguments):
+    """`medtune serve`: an OpenAI-compatible HTTP server with a chat page."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on; 127.0.0.1 keeps the server "
+                                                             "on this machine (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)."})
+    api_key: str | None = field(
+        default=None, metadata={"help": "Clients must send `Authorization: Bearer KEY` to /v1/ routes (401 "
+                                        "otherwise). Default: the MEDTUNE_API_KEY environment variable; none: no key."},
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "The model id /v1/models lists (default: the model folder's name). Requests "
+                                        "may name any model: this server has one."},
+    )
+    max_batch_size: int = field(default=16, metadata={"help": "Most replies decoded together in one batch."})
+    batch_wait_ms: float = field(
+        default=5.0, metadata={"help": "After the first request of an idle period, wait this long for others to "
+                                       "start in the same batch."},
+    )
+    batching: bool = field(
+        default=True, metadata={"help": "false: one reply at a time (what batching buys, for benchmarks)."}
+    )
+    max_queue: int = field(
+        default=64, metadata={"help": "Replies that may wait beyond the running batch; more get 429 (retry later)."}
+    )
+    max_tokens_limit: int = field(
+        default=1024, metadata={"help": "The largest max_tokens a request may ask (more: 400), and the reply length "
+                                        "when a request gives none."},
+    )
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "Larger request bodies get 413."})
+    log_content: bool = field(
+        default=False, metadata={"help": "Also log prompts and replies; by default a request is logged without its "
+                                         "content (route, token counts, time)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.api_key is None:
+            self.api_key = os.environ.get("MEDTUNE_API_KEY") or None
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if min(self.max_batch_size, self.max_tokens_limit, self.max_body_bytes) < 1 or self.max_queue < 0:
+            raise ConfigError("max_batch_size, max_tokens_limit and max_body_bytes must be >= 1, max_queue >= 0")
+        if self.batch_wait_ms < 0:
+            raise ConfigError("batch_wait_ms must be >= 0")
+
+
+@dataclass
+class PredictArguments(BackendArguments):
     """`medtune predict`: replies for every prompt or conversation of a file."""
 
     input: str = field(
@@ -657,15 +722,10 @@ class PredictArguments:
                                       "to: a re-run skips the ids already there (a line cut by a kill is redone)."},
     )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (greedy decoding)."})
-    backend: str = field(
-        default="hf", metadata={"help": "hf: transformers generate on this machine; vllm: vLLM's offline engine "
-                                        "(needs the vllm package and a CUDA GPU)."},
-    )
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs the model is split over."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.input or not self.output:
             raise ConfigError("predict needs --input FILE.jsonl and --output FILE.jsonl")
-        _check_choice("backend", self.backend, GENERATION_BACKENDS)
-        if self.batch_size < 1 or self.tensor_parallel_size < 1:
-            raise ConfigError("batch_size and tensor_parallel_size must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
