@@ -19,6 +19,7 @@ from medtune.errors import DataError
 from .conftest import run_medtune
 from .data.pii.generate import generate  # the planted corpus lives with the test data
 
+ASCII_DIGITS = str.maketrans("０１２３４５６７８９", "0123456789")
 NUMBER_KINDS = ("phone", "id_card", "record_no", "email", "address", "birth_date", "bank_card", "age")
 
 
@@ -82,14 +83,15 @@ def test_planted_corpus_is_what_it_claims(corpus):
                 elif kind == "id_card":
                     values["id15"] += 1
                 elif kind == "bank_card":
-                    assert luhn.is_valid(value.replace(" ", "")), value
+                    assert luhn.is_valid(value.replace(" ", "").translate(ASCII_DIGITS)), value
                 elif kind == "lookalike:bad-checksum ID":
                     assert ric.calc_check_digit(value) != value[-1], value
                 if kind.startswith("lookalike:"):
                     lookalikes[kind.split(":", 1)[1]] += 1
     assert values["id18"] >= 300 and values["id15"] >= 30
     assert set(lookalikes) == {"lab value", "age<=89", "herb", "department", "onset date", "ICD-10",
-                               "bad-checksum ID", "visit date"}
+                               "bad-checksum ID", "visit date", "after 患者"}
+    assert lookalikes["after 患者"] >= 500
     assert sum(lookalikes.values()) >= 3000
 
 
@@ -231,3 +233,32 @@ def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):
 def test_help_names_the_options():
     result = run_medtune("data", "scrub", "--help")
     assert result.returncode == 0 and "--output_dir" in result.stdout and "[姓名1]" in result.stdout
+
+
+def test_drug_and_finding_words_after_patient_are_not_names():
+    """患者 followed by a drug, herb or finding that starts with a surname character stays, and is not spread."""
+    assert Replacer().scrub_fields(["患者华法林抗凝治疗中", "嘱华法林3mg qd；华法林与阿司匹林合用出血风险增加"]) == \
+        ["患者华法林抗凝治疗中", "嘱华法林3mg qd；华法林与阿司匹林合用出血风险增加"]
+    texts = ["患者甘露醇125ml脱水", "患者利福平、异烟肼抗结核", "患者柴胡疏肝散加减", "患者米非司酮10mg qd",
+             "患者舒张压偏高", "患者包块质硬", "患者诸症缓解", "患者戴眼镜", "患者莫西沙星0.4g qd"]
+    assert Replacer().scrub_fields(texts) == texts
+    # a name with a boundary after it is still found, and found again elsewhere in the record
+    assert Replacer().scrub_fields(["患者张伟，男，58岁", "张伟服用华法林"]) == ["患者[姓名1]，男，58岁", "[姓名1]服用华法林"]
+    # found without a boundary: replaced where found, not spread to the rest of the record
+    assert Replacer().scrub_fields(["患者张伟头痛3天", "张伟服用华法林"]) == ["患者[姓名1]头痛3天", "张伟服用华法林"]
+
+
+def test_full_width_digits_are_found():
+    assert Replacer().scrub_fields(["电话：１３８１２３４５６７８，卡号６２２２０２１２３４５６７８９０１２８",
+                                    "复诊请拨13812345678，身份证１１０１０５１９４９１２３１００２Ｘ"]) == \
+        ["电话：[电话1]，卡号[银行卡号1]", "复诊请拨[电话1]，身份证[身份证号1]"]
+
+
+def test_ids_and_integers_are_scrubbed(tmp_path):
+    record = {"text": "患者张伟，电话13812345678", "mobile": 13812345678, "visits": 3, "weight": 61.5,
+              "ok": True, "id": "张伟-13812345678", "messages_count": None}
+    data = write(tmp_path / "in.jsonl", [record, {"text": "无", "id": "a-17"}])
+    scrub_paths([str(data)], tmp_path / "out")
+    assert [json.loads(line) for line in (tmp_path / "out" / "in.jsonl").read_text(encoding="utf-8").splitlines()] \
+        == [{"text": "患者[姓名1]，电话[电话1]", "mobile": "[电话1]", "visits": 3, "weight": 61.5, "ok": True,
+             "id": "[姓名1]-[电话1]", "messages_count": None}, {"text": "无", "id": "a-17"}]

@@ -2,8 +2,9 @@
 
 Streams: each file is read one line (one record) at a time and written as it is read, so memory stays constant
 on large corpora (a `.json` file holding one array is the exception: JSON arrays are parsed whole). Each record
-keeps its structure — the same keys, roles and turns — and every text field in it is scrubbed; the role and id
-fields are left as they are. A record that cannot be read is listed as `file:line: field: message`, and then the
+keeps its structure — the same keys, roles and turns — and every text field in it is scrubbed, ids and integers
+included (an integer holding a phone number becomes its placeholder text); only the role fields are left as they
+are. A record that cannot be read is listed as `file:line: field: message`, and then the
 command stops with exit code 2 and writes nothing: a de-identification that passed a bad record through unread
 could leak exactly what it was meant to remove.
 """
@@ -33,7 +34,9 @@ from medtune.errors import DataError, Problem
 
 logger = logging.getLogger(__name__)
 SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES
-UNTOUCHED_KEYS = {"from", "role", "id"}  # structure, not text: ShareGPT/OpenAI roles and record ids
+# Roles are structure, never personal information. Everything else is read: ids too (an id such as
+# "张伟-13812345678" leaks like any text), and integers (a phone number stored as a JSON number, 13812345678).
+UNTOUCHED_KEYS = {"from", "role"}
 REPORT_NAME = "scrub_report.json"
 
 
@@ -81,12 +84,15 @@ def output_paths(locations: list[str], output_dir: Path) -> list[tuple[Path, Pat
 
 
 def scrub_value(value: Any, texts: list[str], put_back: Iterator[str] | None = None) -> Any:
-    """Walk a JSON record: collect its text fields into `texts`, or (with `put_back`) replace them in order."""
-    if isinstance(value, str):
+    """Walk a JSON record: collect its text fields and integers into `texts`, or (with `put_back`) replace them in
+    order. An integer that held personal information becomes the placeholder text; any other stays a number."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        text = str(value)
         if put_back is None:
-            texts.append(value)
+            texts.append(text)
             return value
-        return next(put_back)
+        scrubbed = next(put_back)
+        return value if scrubbed == text else scrubbed
     if isinstance(value, list):
         return [scrub_value(item, texts, put_back) for item in value]
     if isinstance(value, dict):
