@@ -14,7 +14,7 @@ from stdnum.cn import ric
 from medtune.data.pii import KINDS
 from medtune.data.pii.replace import Replacer, find_in_record
 from medtune.data.scrub import REPORT_NAME, scrub_paths
-from medtune.errors import DataError
+from medtune.errors import ConfigError
 
 from .conftest import run_medtune
 from .data.pii.generate import generate  # the planted corpus lives with the test data
@@ -193,7 +193,7 @@ def test_every_format_keeps_its_structure(tmp_path):
 
 
 def test_bad_record_names_file_and_line_and_writes_nothing(tmp_path):
-    good = {"text": "患者王志刚，电话13812345678。"}
+    good = {"messages": [{"role": "user", "content": "患者王志刚，电话13812345678。"}, {"role": "assistant", "content": "好"}]}
     data = write(tmp_path / "in.jsonl", [good, "{not json", good, {"messages": [{"role": "doctor", "content": "x"}]}])
     result = run_medtune("data", "scrub", str(data), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
@@ -205,10 +205,50 @@ def test_bad_record_names_file_and_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
-def test_refuses_to_overwrite_its_input(tmp_path):
-    data = write(tmp_path / "in.jsonl", [{"text": "无"}])
-    with pytest.raises(DataError, match="would overwrite the input"):
+def test_output_dir_inside_or_around_the_input_is_refused(tmp_path):
+    """`data scrub mixed --output_dir mixed/clean` would read its own output on the next run; an output folder
+    holding the input would overwrite it. Both stop before anything is read or written."""
+    data = write(tmp_path / "mixed" / "in.jsonl", [{"text": "患者张伟，电话13812345678"}]) if \
+        (tmp_path / "mixed").mkdir() is None else None
+    with pytest.raises(ConfigError) as inside:
+        scrub_paths([str(tmp_path / "mixed")], tmp_path / "mixed" / "clean")
+    assert str(inside.value) == (f"--output_dir {tmp_path / 'mixed' / 'clean'}: must be outside the input data "
+                                 f"({tmp_path / 'mixed'})")
+    with pytest.raises(ConfigError, match="must be outside the input data"):
         scrub_paths([str(data)], tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.jsonl", "mixed"]
+
+
+def test_output_dir_that_is_a_file_is_one_line_error(tmp_path):
+    data = write(tmp_path / "x.txt", ["患者张伟，男"])
+    taken = write(tmp_path / "taken", ["not a folder"])
+    result = run_medtune("data", "scrub", str(data), "--output_dir", str(taken))
+    assert (result.returncode, result.stderr) == (2, f"medtune: error: --output_dir {taken}: is a file; give a "
+                                                     "folder\n")
+
+
+def test_two_inputs_with_the_same_file_name_keep_their_folders(tmp_path):
+    """Mirrored as `data contamination --write_clean` mirrors: under the folder that holds every input."""
+    first = write(tmp_path / "a" / "train.txt", ["患者张伟，男"]) if (tmp_path / "a").mkdir() is None else None
+    second = write(tmp_path / "b" / "train.txt", ["患者李静，女"]) if (tmp_path / "b").mkdir() is None else None
+    scrub_paths([str(first), str(second)], tmp_path / "out")
+    assert {str(p.relative_to(tmp_path / "out")): p.read_text(encoding="utf-8")
+            for p in (tmp_path / "out").rglob("*.txt")} == {"a/train.txt": "患者[姓名1]，男\n",
+                                                             "b/train.txt": "患者[姓名1]，女\n"}
+
+
+def test_bom_and_non_utf8_files(tmp_path):
+    bom = tmp_path / "in" / "bom.txt"
+    bom.parent.mkdir()
+    bom.write_bytes("\ufeff患者张伟，电话13812345678\n".encode("utf-8"))
+    scrub_paths([str(bom)], tmp_path / "out")
+    assert (tmp_path / "out" / "bom.txt").read_text(encoding="utf-8") == "患者[姓名1]，电话[电话1]\n"
+    gbk = tmp_path / "in" / "gbk.jsonl"
+    gbk.write_bytes('{"text": "无"}\n'.encode() + '{"text": "患者张伟"}\n'.encode("gbk"))
+    result = run_medtune("data", "scrub", str(gbk), "--output_dir", str(tmp_path / "out2"))
+    assert (result.returncode, result.stderr) == (2, f"medtune: error: {gbk}:2: not valid UTF-8 (byte 0xbb at "
+                                                     "column 11); re-save the file as UTF-8\n")
+    assert not any((tmp_path / "out2").rglob("*"))
 
 
 def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):

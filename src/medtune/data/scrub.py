@@ -20,16 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medtune.data.loading import FileReport, empty_file_problem, iter_file_records
+from medtune.data.outputs import check_output_dir, mirrored, remove_quietly
 from medtune.data.pii import KINDS, Replacer
 from medtune.data.pii.names import load_name_dictionary
-from medtune.data.readers import (
-    JSON_SUFFIXES,
-    TEXT_SUFFIXES,
-    _decode_lines,
-    list_data_files,
-    read_json_records,
-)
-from medtune.data.records import FORMAT_KEYS, RecordProblem, convert, detect_format
+from medtune.data.readers import JSON_SUFFIXES, TEXT_SUFFIXES, data_files, decode_lines, is_json_array
 from medtune.errors import DataError, Problem
 
 logger = logging.getLogger(__name__)
@@ -57,30 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_paths(locations: list[str], output_dir: Path) -> list[tuple[Path, Path]]:
-    """(input, output) pairs: a file keeps its name, a folder's files keep their paths inside it."""
-    pairs, problems = [], []
-    for location in locations:
-        root = Path(location).expanduser()
-        try:
-            files = list_data_files(root, SUFFIXES)
-        except DataError as exc:
-            problems += exc.problems
-            continue
-        for path in files:
-            relative = path.name if root.is_file() else path.relative_to(root)
-            pairs.append((path, output_dir / relative))
-    seen: dict[Path, Path] = {}
-    for source, target in pairs:
-        if target.resolve() == source.resolve():
-            problems.append(Problem(str(source), None, None, "--output_dir would overwrite the input file; choose "
-                                                             "another folder"))
-        elif target in seen:
-            problems.append(Problem(str(source), None, None, f"writes to the same output as {seen[target]}; scrub "
-                                                             "them in separate runs or pass their common folder"))
-        seen[target] = source
-    if problems:
-        raise DataError(problems)
-    return pairs
+    """(input, output) pairs, mirrored under `output_dir` as `data contamination --write_clean` does; the output
+    folder must be outside every input (a second run would otherwise read its own output)."""
+    check_output_dir(output_dir, "--output_dir", locations)
+    return mirrored(data_files(locations, SUFFIXES), locations, output_dir)
 
 
 def scrub_value(value: Any, texts: list[str], put_back: Iterator[str] | None = None) -> Any:
@@ -107,20 +82,10 @@ def scrub_record(record: Any, replacer: Replacer) -> Any:
     return scrub_value(record, [], iter(replacer.scrub_fields(texts)))
 
 
-def check_record(record: Any) -> None:
-    """Raise RecordProblem unless `record` is a valid record of a format medtune reads."""
-    fmt = detect_format(record)
-    if fmt is None:
-        found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-        raise RecordProblem(None, f"unrecognised record (fields: {found}); expected one of "
-                                  f"{'; '.join(f'{n}: {chr(43).join(k)}' for n, k in FORMAT_KEYS.items())}")
-    convert(record, fmt)
-
-
 def scrub_text_file(source: Path, out, replacer: Replacer, problems: list[Problem]) -> int:
     """One document per line; blank lines are kept so the file keeps its shape."""
     records = 0
-    for _, line in _decode_lines(source, problems):
+    for _, line in decode_lines(source, problems):
         body = line.rstrip("\r\n")
         if body.strip():
             body = replacer.scrub_fields([body])[0]
@@ -130,15 +95,12 @@ def scrub_text_file(source: Path, out, replacer: Replacer, problems: list[Proble
 
 
 def scrub_json_file(source: Path, out, replacer: Replacer, problems: list[Problem]) -> int:
-    array = source.suffix.lower() == ".json" and source.read_bytes().lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
+    """Every record must convert (as training would read it) before it is scrubbed: an unreadable one could
+    pass personal information through unread."""
+    array = is_json_array(source)
     records = 0
-    for line, record in read_json_records(source, problems):
-        try:
-            check_record(record)
-        except RecordProblem as exc:
-            problems.append(Problem(str(source), line, exc.field, exc.message))
-            continue
-        text = json.dumps(scrub_record(record, replacer), ensure_ascii=False)
+    for entry in iter_file_records(source, FileReport(str(source), "unknown", problems=problems)):
+        text = json.dumps(scrub_record(entry.raw, replacer), ensure_ascii=False)
         out.write(("[\n" if records == 0 else ",\n") + text if array else text + "\n")
         records += 1
     if array:
@@ -154,9 +116,8 @@ def scrub_file(source: Path, target: Path, problems: list[Problem]) -> dict:
     with open(partial(target), "w", encoding="utf-8") as out:
         scrub = scrub_text_file if source.suffix.lower() in TEXT_SUFFIXES else scrub_json_file
         records = scrub(source, out, replacer, problems)
-    if records == 0 and len(problems) == before:
-        problems.append(Problem(str(source), None, None, "no records: the file is empty (or holds only whitespace "
-                                                         "or [])"))
+    if records == 0 and len(problems) == before and scrub is scrub_text_file:
+        problems.append(empty_file_problem(source))
     return {"records": records, "replaced": {kind: replacer.counts[kind] for kind in KINDS}}
 
 
@@ -176,7 +137,7 @@ def scrub_paths(locations: list[str], output_dir: str | Path) -> dict:
     finally:
         if problems or len(files) < len(pairs):  # bad input or an interruption: leave nothing half-scrubbed
             for _, target in pairs:
-                partial(target).unlink(missing_ok=True)
+                remove_quietly(partial(target))
     if problems:
         raise DataError(problems)
     for _, target in pairs:
