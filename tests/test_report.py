@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from medtune.reporting import charts as chart_module
+from medtune import charts as chart_module
 from medtune.reporting import write_pipeline_report
 
 SCRIPT = "<script>alert('x')</script>"

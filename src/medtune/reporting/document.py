@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medtune.charts import Chart
 from medtune.reporting import figures
-from medtune.reporting.charts import Chart
 from medtune.reporting.content import STAGE_TITLES, Report, item_sets
 from medtune.reporting.tables import (
     Table,
