@@ -260,7 +260,7 @@ def test_report_html_renders_in_a_browser_with_every_chart_and_the_chinese_names
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
     text = browser.find_element(By.TAG_NAME, "body").text
-    for name in ("医师考试", "护理考试", "服用华法林的患者同时使用s2", "These numbers mean nothing"):
+    for name in ("医师考试", "护理考试", "服用华法林的患者同时使用利福平", "These numbers mean nothing"):
         assert name in text
 
 
