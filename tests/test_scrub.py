@@ -4,6 +4,7 @@ placeholders numbered per record, bad input refused with file:line, and a report
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -89,6 +90,14 @@ def test_planted_corpus_is_what_it_claims(corpus):
                 if kind.startswith("lookalike:"):
                     lookalikes[kind.split(":", 1)[1]] += 1
     assert values["id18"] >= 300 and values["id15"] >= 30
+    # the clinical story holds together: thrombolysis (within 4.5 h) only for strokes of at most 4 h, appendicitis
+    # pain that moved after 6 h has lasted longer than that, menorrhagia only between 20 and 50
+    texts = [text for record in corpus for text, _ in record]
+    stroke = [int(h) for text in texts for h in re.findall(r"突发左侧肢体无力(\d+)小时", text)]
+    appendix = [int(h) for text in texts for h in re.findall(r"转移性右下腹痛(\d+)小时", text)]
+    assert stroke and max(stroke) <= 4 and appendix and min(appendix) >= 8
+    assert all(20 <= int(age) <= 50 for text in texts if "月经量多" in text
+               for age in re.findall(r"(?:年龄：|，女，|今年)(\d+)岁", text))
     assert set(lookalikes) == {"lab value", "age<=89", "herb", "department", "onset date", "ICD-10",
                                "bad-checksum ID", "visit date", "after 患者"}
     assert lookalikes["after 患者"] >= 500
@@ -270,9 +279,11 @@ def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):
     assert "\ntotal " in result.stdout and "200 records scrubbed" in result.stdout
 
 
-def test_help_names_the_options():
-    result = run_medtune("data", "scrub", "--help")
-    assert result.returncode == 0 and "--output_dir" in result.stdout and "[姓名1]" in result.stdout
+def test_output_dir_is_required():
+    result = run_medtune("data", "scrub", "notes.txt")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("medtune data scrub: error: the following arguments are "
+                                                      "required: --output_dir")
 
 
 def test_drug_and_finding_words_after_patient_are_not_names():

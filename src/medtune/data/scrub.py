@@ -41,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replace personal information (names, phone numbers, resident ID numbers, medical record "
                     "numbers, e-mail addresses, street addresses, dates of birth, bank card numbers, ages over 89) "
                     "with typed placeholders such as [姓名1] and [电话1], numbered consistently within each "
-                    "record, in pretraining text (.txt/.jsonl), conversations and preference pairs. Writes the "
-                    f"scrubbed files under --output_dir with the same relative paths, and {REPORT_NAME} with "
+                    "record, in pretraining text (.txt/.jsonl), conversations and preference pairs; ids and "
+                    "integers are read too. Writes the scrubbed files under --output_dir with the same relative "
+                    f"paths (several inputs: below the folder holding them all), and {REPORT_NAME} with "
                     "counts per kind and per file (never the values). Exit code 2 and nothing written if any "
                     "record cannot be read.",
     )
     parser.add_argument("paths", nargs="+", help="Files or folders (searched recursively for .txt/.json/.jsonl).")
-    parser.add_argument("--output_dir", required=True, help="Folder for the scrubbed files and the report.")
+    parser.add_argument("--output_dir", required=True, help="Folder for the scrubbed files and the report, outside "
+                                                             "every input.")
     return parser
 
 
