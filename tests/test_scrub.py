@@ -313,3 +313,14 @@ def test_ids_and_integers_are_scrubbed(tmp_path):
     assert [json.loads(line) for line in (tmp_path / "out" / "in.jsonl").read_text(encoding="utf-8").splitlines()] \
         == [{"text": "患者[姓名1]，电话[电话1]", "mobile": "[电话1]", "visits": 3, "weight": 61.5, "ok": True,
              "id": "[姓名1]-[电话1]", "messages_count": None}, {"text": "无", "id": "a-17"}]
+
+
+def test_cleanup_after_a_failed_run_never_raises(tmp_path):
+    """Cleanup runs in `finally`: an error there would replace the error that stopped the run."""
+    from medtune.data.outputs import remove_quietly
+
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    assert remove_quietly(tmp_path / "file" / "out.txt.partial") is None  # NotADirectoryError, swallowed
+    assert remove_quietly(tmp_path / "missing.partial") is None
+    remove_quietly(tmp_path / "file")
+    assert not (tmp_path / "file").exists()
