@@ -422,8 +422,9 @@ def outpatient_record(w: RecordWriter) -> None:
     w.lookalike(f, "ICD-10", disease["icd"])
     f.add("）。处理：")
     w.disease_text(f, disease, disease["plan"])
-    f.add(f"。{p.rng.randrange(1, 4)}周后复诊，复诊时间：")
-    w.lookalike(f, "visit date", p.date(w.visit + datetime.timedelta(days=14)))
+    weeks = p.rng.randrange(1, 4)
+    f.add(f"。{weeks}周后复诊，复诊时间：")
+    w.lookalike(f, "visit date", p.date(w.visit + datetime.timedelta(weeks=weeks)))
     f.add("。患者联系电话")
     f.item("phone", p.phone())
     if p.chance(0.6):
