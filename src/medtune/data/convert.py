@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.data.outputs import check_output_file
-from medtune.data.readers import data_files, raise_if_problems
+from medtune.data.readers import data_files, raise_if_problems, utf8_problem
 from medtune.data.records import SINGLE_CHOICE, RecordProblem, to_exam_item
 from medtune.errors import DataError, Problem
 
@@ -61,14 +61,11 @@ def csv_rows(path: Path, problems: list[Problem]) -> Iterator[tuple[int, list[st
 
     The file is decoded whole first (one subject's CSV is small), so a file that is not UTF-8 (GBK, as Excel saves
     Chinese CSV) is one problem at the line of its first bad byte, and no row of it is read."""
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is fine
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        problems.append(Problem(str(path), line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                                                       f"{column}); re-save the file as UTF-8"))
+        problems.append(utf8_problem(path, raw, exc))
         return
     reader = csv.reader(io.StringIO(text, newline=""))
     start = 1

@@ -58,6 +58,14 @@ def is_json_array(path: Path) -> bool:
     return False
 
 
+def utf8_problem(path: Path, raw: bytes, exc: UnicodeDecodeError, first_line: int = 1) -> Problem:
+    """Where `raw` (starting at `first_line` of `path`) stops being UTF-8, as a file:line problem with the column."""
+    line = first_line + raw.count(b"\n", 0, exc.start)
+    column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+    return Problem(str(path), line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+                                          "re-save the file as UTF-8")
+
+
 def decode_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) pairs; a line that is not UTF-8 becomes a problem, not a crash."""
     with open(path, "rb") as handle:
@@ -67,9 +75,7 @@ def decode_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problems.append(Problem(str(path), number, None,
-                                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                                        "re-save the file as UTF-8"))
+                problems.append(utf8_problem(path, raw, exc, number))
 
 
 def read_text_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
@@ -121,12 +127,11 @@ def _read_json_array(path: Path, text: str, problems: list[Problem]) -> Iterator
 def read_json_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
     """Records of a JSON Lines file, or of a .json file holding one array of records (or JSON Lines)."""
     if is_json_array(path):
-        raw = path.read_bytes()
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is fine
         try:
-            text = raw.decode("utf-8-sig")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.append(Problem(str(path), raw.count(b"\n", 0, exc.start) + 1, None,
-                                    f"not valid UTF-8 ({exc.reason}); re-save as UTF-8"))
+            problems.append(utf8_problem(path, raw, exc))
             return
         yield from _read_json_array(path, text, problems)
         return
