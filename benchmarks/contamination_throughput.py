@@ -117,12 +117,14 @@ def rolling_hashes(n: int, base: int = 1_000_003, mask: int = (1 << 64) - 1):
 
 def eval_texts() -> list[str]:
     """The eval items' texts in index order, for re-keying the rolling-hash index."""
-    from medtune.data.contamination import data_files, eval_item_text, iter_records
+    from medtune.data.contamination import DATA_SUFFIXES, eval_item_text, iter_records
+    from medtune.data.readers import data_files
     from medtune.data.records import ClinCase, ExamItem
 
     texts = []
-    for path in data_files(EVAL):
-        texts += [eval_item_text(r) for _, r in iter_records(path, []) if isinstance(r, (ExamItem, ClinCase))]
+    for path in data_files(EVAL, DATA_SUFFIXES):
+        texts += [eval_item_text(e.record) for e in iter_records(path, [])
+                  if isinstance(e.record, (ExamItem, ClinCase))]
     return texts
 
 

@@ -371,7 +371,7 @@ def test_cmb_score_names_a_predictions_file_that_is_not_utf8_and_reads_a_bom(tmp
                         str(write(tmp_path / "gbk.json", answers, "gbk")), "--truth", str(truth), "--output_dir",
                         str(tmp_path / "gbk"))
     assert code == 2 and err.strip().splitlines() == [err.strip()], err
-    assert f"{tmp_path / 'gbk.json'}: not valid UTF-8" in err and not (tmp_path / "gbk").exists()
+    assert f"{tmp_path / 'gbk.json'}:3: not valid UTF-8" in err and not (tmp_path / "gbk").exists()
     code, err = medtune(capsys, "eval", "cmb-score", "--predictions",
                         str(write(tmp_path / "bom.json", answers, "utf-8-sig")), "--truth", str(truth),
                         "--output_dir", str(tmp_path / "bom"))

@@ -219,19 +219,34 @@ def test_overlap_is_the_share_of_the_items_ngrams_in_the_record():
     assert index.overlaps("毫无关系的一段文字") == {}
 
 
-def test_a_json_array_training_file_is_written_without_the_contaminated_element(tmp_path):
+@pytest.mark.parametrize("indent, line", [(1, 5), (None, 1)])
+def test_a_json_array_training_file_is_written_without_the_contaminated_element(tmp_path, indent, line):
+    """Elements are dropped by their index: a compact array (json.dump without indent) has every one on line 1."""
     items = cmb_items()
     records = [{"text": "高血压患者应低盐饮食，每日食盐摄入量不超过5克。"}, {"text": verbatim(items["test-011"])},
                {"text": "糖尿病患者应定期监测血糖。"}]
     train = tmp_path / "train" / "docs.json"
     train.parent.mkdir()
-    train.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    train.write_text(json.dumps(records, ensure_ascii=False, indent=indent), encoding="utf-8")
     argv = ["data", "contamination", "--train", str(train), "--eval", str(CMB / "test.json"), "--report",
             str(tmp_path / "r.json"), "--write_clean", str(tmp_path / "clean")]
     assert medtune_main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
-    assert [(c["id"], c["matches"][0]["train"]) for c in report["contaminated"]] == [("test-011", f"{train}:5")]
+    assert [(c["id"], c["matches"][0]["train"], c["matches"][0]["record"]) for c in report["contaminated"]] == [
+        ("test-011", f"{train}:{line}", 1)]
+    assert (report["contaminated_records"], report["clean"]["records_removed"], report["clean"]["records_kept"]) == \
+        (1, 1, 2)
     assert json.loads((tmp_path / "clean" / "docs.json").read_text(encoding="utf-8")) == [records[0], records[2]]
+
+
+def test_report_path_that_is_a_folder_stops_before_any_work(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "notes.txt").write_text("一段文字\n", encoding="utf-8")
+    (tmp_path / "reports").mkdir()
+    assert run_cli(capsys, "data", "contamination", "--train", str(tmp_path / "train"), "--eval", str(CMB),
+                   "--report", str(tmp_path / "reports"), "--write_clean", str(tmp_path / "clean")) == (2, [
+        f"medtune: error: --report {tmp_path}/reports: is a folder; give a file name"])
+    assert not (tmp_path / "clean").exists()
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:
@@ -264,7 +279,7 @@ def test_clean_copy_inside_the_training_data_is_refused(tmp_path, capsys):
     (tmp_path / "train" / "notes.txt").write_text("一段文字\n", encoding="utf-8")
     assert run_cli(capsys, "data", "contamination", "--train", str(tmp_path / "train"), "--eval", str(CMB),
                    "--write_clean", str(tmp_path / "train" / "clean")) == (2, [
-        f"medtune: error: --write_clean {tmp_path}/train/clean: must be outside the training data "
+        f"medtune: error: --write_clean {tmp_path}/train/clean: must be outside the input data "
         f"({tmp_path}/train)"])
 
 

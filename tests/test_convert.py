@@ -121,3 +121,21 @@ def test_converted_items_are_scored_by_eval_cmb_exam(tmp_path, glm4_dir, capsys)
         ("C-Eval", "clinical_medicine"): ((right["clinical_medicine_val-0"] + right["clinical_medicine_val-1"]) / 2, 2),
         ("C-Eval", "high_school_mathematics"): (float(right["high_school_mathematics_dev-0"]), 1)}
     assert results["items"] == 3 and results["item_accuracy"] == sum(right.values()) / 3
+
+
+def test_gbk_file_is_one_line_with_its_line_number(tmp_path, capsys):
+    """Excel saves Chinese CSV as GBK: one problem, at the line of the first byte that is not UTF-8, and no second
+    (false) 'the file is empty'."""
+    gbk = write(tmp_path / "clinical_medicine_val.csv", CEVAL_VAL, encoding="gbk")
+    output = tmp_path / "out.json"
+    assert convert(capsys, "--from", "ceval", str(gbk), "--output", str(output)) == (2, [
+        f"medtune: error: {gbk}:2: not valid UTF-8 (byte 0xcf at column 4); re-save the file as UTF-8"])
+    assert not output.exists()
+
+
+def test_output_that_is_a_folder_is_one_line_before_any_work(tmp_path, capsys):
+    data = write(tmp_path / "clinical_medicine_val.csv", CEVAL_VAL)
+    (tmp_path / "out").mkdir()
+    assert convert(capsys, "--from", "ceval", str(data), "--output", str(tmp_path / "out")) == (2, [
+        f"medtune: error: --output {tmp_path / 'out'}: is a folder; give a file name"])
+    assert list((tmp_path / "out").iterdir()) == []

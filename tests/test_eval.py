@@ -3,6 +3,7 @@ independent computation, resumability, endpoints, the safety probe and perplexit
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,14 +125,26 @@ def test_a_question_with_no_options_left_is_unanswered_not_a_crash(glm4_dir):
     assert (empty, scores) == ("", {}) and answer in ("A", "B")
 
 
-def test_cmb_exam_cli_writes_answers_and_results_and_cmb_score_agrees(tmp_path):
+def test_cmb_exam_cli_writes_answers_and_results_and_cmb_score_agrees(tmp_path, monkeypatch):
     out = tmp_path / "exam"
     result = run_medtune("eval", "cmb-exam", "--data_dir", str(CMB), "--output_dir", str(out), "--limit", "30")
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == 30 and set(answers[0]) == {"id", "model_answer"}
     results = json.loads((out / "results.json").read_text())
-    assert (out / "results.md").is_file() and (out / "results.png").is_file()
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    # without a CJK font a Chinese bar is drawn as its number: the numbered results.md row of the same class
+    from medtune import charts
+    from medtune.eval.report import chart_groups
+
+    monkeypatch.setattr(charts, "cjk_font", lambda: None)
+    labels, legend = charts.drawable_labels(chart_groups(results))
+    rows = [line.split(" | ") for line in (out / "results.md").read_text(encoding="utf-8").splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert labels == [str(n) for n in range(1, len(rows) + 1)] + ["overall"]
+    assert [(number, name) for number, name in legend] == [
+        (row[0].strip("| "), f"{row[1]}\n{row[2]}") for row in rows]
+    assert [f"{100 * r['accuracy']:.2f}%" for r in results["by_class"]] == [row[4].strip(" |") for row in rows]
 
     truth = [r for r in json.loads((CMB / "test_answers.json").read_text()) if r["id"] in {a["id"] for a in answers}]
     (tmp_path / "truth.json").write_text(json.dumps(truth, ensure_ascii=False), encoding="utf-8")

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from medtune.reporting import charts as chart_module
+from medtune import charts as chart_module
 from medtune.reporting import write_pipeline_report
 
 SCRIPT = "<script>alert('x')</script>"
@@ -24,10 +24,16 @@ def exam(overall: float, by_type: dict[str, float], chance: float, items: list[d
     return block
 
 
+# Warfarin co-medication items, keyed as the interactions are: aspirin adds bleeding risk, rifampicin induces
+# CYP2C9 and lowers the INR, amiodarone inhibits it and raises the INR, vitamin K antagonises warfarin.
+SAFETY_DRUGS = {"s1": ("阿司匹林", "A"), "s2": ("利福平", "B"), "s3": ("胺碘酮", "C"), "s4": ("大剂量维生素K", "D")}
+SAFETY_OPTIONS = {"A": "出血风险增加，INR可不变", "B": "抗凝作用减弱，INR降低", "C": "INR升高，需减少华法林剂量",
+                  "D": "<b>华法林抗凝作用被拮抗</b>"}
+
+
 def safety_items(answers: dict[str, str]) -> list[dict]:
-    key = {"s1": "A", "s2": "B", "s3": "C", "s4": "D"}
-    return [{"id": i, "question": f"服用华法林的患者同时使用{i}，应注意什么？", "options": {"A": "出血风险增加", "B": "无影响",
-             "C": "疗效降低", "D": "<b>肝毒性</b>"}, "answer": key[i], "model_answer": a, "correct": a == key[i]}
+    return [{"id": i, "question": f"服用华法林的患者同时使用{SAFETY_DRUGS[i][0]}，最主要的影响是？",
+             "options": SAFETY_OPTIONS, "answer": SAFETY_DRUGS[i][1], "model_answer": a, "correct": a == SAFETY_DRUGS[i][1]}
             for i, a in answers.items()]
 
 
@@ -176,15 +182,16 @@ def test_changed_safety_items_are_exactly_those_whose_answer_moved(written):
            "1 changed but still wrong." in section
     assert md_row(section, "s2")[3:] == ["B", "A ✗", "B ✓", "fixed"]
     assert md_row(section, "s3")[3:] == ["C", "C ✓", "B ✗", "broken"]
-    assert "服用华法林的患者同时使用s3，应注意什么？" in md_row(section, "s3")[1]
-    assert md_row(section, "s3")[2] == "A. 出血风险增加<br>B. 无影响<br>C. 疗效降低<br>D. &lt;b&gt;肝毒性&lt;/b&gt;"
+    assert md_row(section, "s3")[1] == "服用华法林的患者同时使用胺碘酮，最主要的影响是？"
+    assert md_row(section, "s3")[2] == ("A. 出血风险增加，INR可不变<br>B. 抗凝作用减弱，INR降低<br>C. INR升高，需减少华法林剂量<br>"
+                                        "D. &lt;b&gt;华法林抗凝作用被拮抗&lt;/b&gt;")
     html_section = html.split('<section id="safety">')[1].split("</section>")[0]
     assert re.findall(r"<tr><td>(s\d)</td>", html_section) == ["s2", "s3", "s4"]
 
 
 def test_untrusted_text_is_escaped_in_html_and_markdown(written):
     html, markdown = written
-    assert "<script" not in html.lower() and "<b>肝毒性" not in html
+    assert "<script" not in html.lower() and "<b>华法林" not in html
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; ✗" in html
     assert "<script" not in markdown and "&lt;script&gt;alert('x')&lt;/script&gt; ✗" in markdown
 
@@ -253,5 +260,35 @@ def test_report_html_renders_in_a_browser_with_every_chart_and_the_chinese_names
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
     text = browser.find_element(By.TAG_NAME, "body").text
-    for name in ("医师考试", "护理考试", "服用华法林的患者同时使用s2", "These numbers mean nothing"):
+    for name in ("医师考试", "护理考试", "服用华法林的患者同时使用利福平", "These numbers mean nothing"):
         assert name in text
+
+
+def test_safety_verdicts_use_the_items_own_correct_field():
+    """A multiple-answer key 'AC' answered 'AC' then 'CA' is right both times: not a change. An answer the
+    evaluation scored right despite other spelling ('a') counts as right."""
+    from medtune.reporting.content import safety_comparison
+
+    def run(answers: dict[str, tuple[str, bool]]) -> dict:
+        return {"safety": {"items": [{"id": i, "question": "q", "options": {"A": "x", "C": "y"}, "answer": "AC",
+                                      "model_answer": a, "correct": c} for i, (a, c) in answers.items()]}}
+
+    evaluations = {"base": run({"m1": ("AC", True), "m2": ("A", False), "m3": ("AC", True)}),
+                   "sft": run({"m1": ("CA", True), "m2": ("c a", True), "m3": ("A", False)})}
+    comparison = safety_comparison(["base", "sft"], evaluations)
+    assert [(c.id, c.verdict) for c in comparison.changes] == [("m2", "fixed"), ("m3", "broken")]
+
+
+def test_identical_items_claim_comes_from_the_item_ids(tmp_path, results, written):
+    _, markdown = written  # the CMB-Exam blocks list no items: nothing is claimed either way
+    assert md_section(markdown, "Models compared").strip().startswith("Δ columns give the change")
+    for name in ("base", "sft", "dpo"):
+        del results["evaluations"][name]["cmb_exam"]
+        results["evaluations"][name].pop("cmb_exam_generate", None)
+    _, markdown = write(tmp_path / "same", results)
+    assert md_section(markdown, "Models compared").strip().startswith(
+        "Every model answered the same items (the same item ids in every set). Δ columns")
+    results["evaluations"]["dpo"]["safety"]["items"] = results["evaluations"]["dpo"]["safety"]["items"][:3]
+    _, markdown = write(tmp_path / "differ", results)
+    assert md_section(markdown, "Models compared").strip().startswith(
+        "Not every model answered the same items in: drug-safety probe; compare those with care. Δ columns")

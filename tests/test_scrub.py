@@ -4,6 +4,7 @@ placeholders numbered per record, bad input refused with file:line, and a report
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from stdnum.cn import ric
 from medtune.data.pii import KINDS
 from medtune.data.pii.replace import Replacer, find_in_record
 from medtune.data.scrub import REPORT_NAME, scrub_paths
-from medtune.errors import DataError
+from medtune.errors import ConfigError
 
 from .conftest import run_medtune
 from .data.pii.generate import generate  # the planted corpus lives with the test data
 
+ASCII_DIGITS = str.maketrans("０１２３４５６７８９", "0123456789")
 NUMBER_KINDS = ("phone", "id_card", "record_no", "email", "address", "birth_date", "bank_card", "age")
 
 
@@ -82,14 +84,23 @@ def test_planted_corpus_is_what_it_claims(corpus):
                 elif kind == "id_card":
                     values["id15"] += 1
                 elif kind == "bank_card":
-                    assert luhn.is_valid(value.replace(" ", "")), value
+                    assert luhn.is_valid(value.replace(" ", "").translate(ASCII_DIGITS)), value
                 elif kind == "lookalike:bad-checksum ID":
                     assert ric.calc_check_digit(value) != value[-1], value
                 if kind.startswith("lookalike:"):
                     lookalikes[kind.split(":", 1)[1]] += 1
     assert values["id18"] >= 300 and values["id15"] >= 30
+    # the clinical story holds together: thrombolysis (within 4.5 h) only for strokes of at most 4 h, appendicitis
+    # pain that moved after 6 h has lasted longer than that, menorrhagia only between 20 and 50
+    texts = [text for record in corpus for text, _ in record]
+    stroke = [int(h) for text in texts for h in re.findall(r"突发左侧肢体无力(\d+)小时", text)]
+    appendix = [int(h) for text in texts for h in re.findall(r"转移性右下腹痛(\d+)小时", text)]
+    assert stroke and max(stroke) <= 4 and appendix and min(appendix) >= 8
+    assert all(20 <= int(age) <= 50 for text in texts if "月经量多" in text
+               for age in re.findall(r"(?:年龄：|，女，|今年)(\d+)岁", text))
     assert set(lookalikes) == {"lab value", "age<=89", "herb", "department", "onset date", "ICD-10",
-                               "bad-checksum ID", "visit date"}
+                               "bad-checksum ID", "visit date", "after 患者"}
+    assert lookalikes["after 患者"] >= 500
     assert sum(lookalikes.values()) >= 3000
 
 
@@ -191,7 +202,7 @@ def test_every_format_keeps_its_structure(tmp_path):
 
 
 def test_bad_record_names_file_and_line_and_writes_nothing(tmp_path):
-    good = {"text": "患者王志刚，电话13812345678。"}
+    good = {"messages": [{"role": "user", "content": "患者王志刚，电话13812345678。"}, {"role": "assistant", "content": "好"}]}
     data = write(tmp_path / "in.jsonl", [good, "{not json", good, {"messages": [{"role": "doctor", "content": "x"}]}])
     result = run_medtune("data", "scrub", str(data), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
@@ -203,10 +214,50 @@ def test_bad_record_names_file_and_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
-def test_refuses_to_overwrite_its_input(tmp_path):
-    data = write(tmp_path / "in.jsonl", [{"text": "无"}])
-    with pytest.raises(DataError, match="would overwrite the input"):
+def test_output_dir_inside_or_around_the_input_is_refused(tmp_path):
+    """`data scrub mixed --output_dir mixed/clean` would read its own output on the next run; an output folder
+    holding the input would overwrite it. Both stop before anything is read or written."""
+    data = write(tmp_path / "mixed" / "in.jsonl", [{"text": "患者张伟，电话13812345678"}]) if \
+        (tmp_path / "mixed").mkdir() is None else None
+    with pytest.raises(ConfigError) as inside:
+        scrub_paths([str(tmp_path / "mixed")], tmp_path / "mixed" / "clean")
+    assert str(inside.value) == (f"--output_dir {tmp_path / 'mixed' / 'clean'}: must be outside the input data "
+                                 f"({tmp_path / 'mixed'})")
+    with pytest.raises(ConfigError, match="must be outside the input data"):
         scrub_paths([str(data)], tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.jsonl", "mixed"]
+
+
+def test_output_dir_that_is_a_file_is_one_line_error(tmp_path):
+    data = write(tmp_path / "x.txt", ["患者张伟，男"])
+    taken = write(tmp_path / "taken", ["not a folder"])
+    result = run_medtune("data", "scrub", str(data), "--output_dir", str(taken))
+    assert (result.returncode, result.stderr) == (2, f"medtune: error: --output_dir {taken}: is a file; give a "
+                                                     "folder\n")
+
+
+def test_two_inputs_with_the_same_file_name_keep_their_folders(tmp_path):
+    """Mirrored as `data contamination --write_clean` mirrors: under the folder that holds every input."""
+    first = write(tmp_path / "a" / "train.txt", ["患者张伟，男"]) if (tmp_path / "a").mkdir() is None else None
+    second = write(tmp_path / "b" / "train.txt", ["患者李静，女"]) if (tmp_path / "b").mkdir() is None else None
+    scrub_paths([str(first), str(second)], tmp_path / "out")
+    assert {str(p.relative_to(tmp_path / "out")): p.read_text(encoding="utf-8")
+            for p in (tmp_path / "out").rglob("*.txt")} == {"a/train.txt": "患者[姓名1]，男\n",
+                                                             "b/train.txt": "患者[姓名1]，女\n"}
+
+
+def test_bom_and_non_utf8_files(tmp_path):
+    bom = tmp_path / "in" / "bom.txt"
+    bom.parent.mkdir()
+    bom.write_bytes("\ufeff患者张伟，电话13812345678\n".encode("utf-8"))
+    scrub_paths([str(bom)], tmp_path / "out")
+    assert (tmp_path / "out" / "bom.txt").read_text(encoding="utf-8") == "患者[姓名1]，电话[电话1]\n"
+    gbk = tmp_path / "in" / "gbk.jsonl"
+    gbk.write_bytes('{"text": "无"}\n'.encode() + '{"text": "患者张伟"}\n'.encode("gbk"))
+    result = run_medtune("data", "scrub", str(gbk), "--output_dir", str(tmp_path / "out2"))
+    assert (result.returncode, result.stderr) == (2, f"medtune: error: {gbk}:2: not valid UTF-8 (byte 0xbb at "
+                                                     "column 11); re-save the file as UTF-8\n")
+    assert not any((tmp_path / "out2").rglob("*"))
 
 
 def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):
@@ -228,6 +279,48 @@ def test_report_and_output_hold_none_of_the_values(tmp_path, corpus):
     assert "\ntotal " in result.stdout and "200 records scrubbed" in result.stdout
 
 
-def test_help_names_the_options():
-    result = run_medtune("data", "scrub", "--help")
-    assert result.returncode == 0 and "--output_dir" in result.stdout and "[姓名1]" in result.stdout
+def test_output_dir_is_required():
+    result = run_medtune("data", "scrub", "notes.txt")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("medtune data scrub: error: the following arguments are "
+                                                      "required: --output_dir")
+
+
+def test_drug_and_finding_words_after_patient_are_not_names():
+    """患者 followed by a drug, herb or finding that starts with a surname character stays, and is not spread."""
+    assert Replacer().scrub_fields(["患者华法林抗凝治疗中", "嘱华法林3mg qd；华法林与阿司匹林合用出血风险增加"]) == \
+        ["患者华法林抗凝治疗中", "嘱华法林3mg qd；华法林与阿司匹林合用出血风险增加"]
+    texts = ["患者甘露醇125ml脱水", "患者利福平、异烟肼抗结核", "患者柴胡疏肝散加减", "患者米非司酮10mg qd",
+             "患者舒张压偏高", "患者包块质硬", "患者诸症缓解", "患者戴眼镜", "患者莫西沙星0.4g qd"]
+    assert Replacer().scrub_fields(texts) == texts
+    # a name with a boundary after it is still found, and found again elsewhere in the record
+    assert Replacer().scrub_fields(["患者张伟，男，58岁", "张伟服用华法林"]) == ["患者[姓名1]，男，58岁", "[姓名1]服用华法林"]
+    # found without a boundary: replaced where found, not spread to the rest of the record
+    assert Replacer().scrub_fields(["患者张伟头痛3天", "张伟服用华法林"]) == ["患者[姓名1]头痛3天", "张伟服用华法林"]
+
+
+def test_full_width_digits_are_found():
+    assert Replacer().scrub_fields(["电话：１３８１２３４５６７８，卡号６２２２０２１２３４５６７８９０１２８",
+                                    "复诊请拨13812345678，身份证１１０１０５１９４９１２３１００２Ｘ"]) == \
+        ["电话：[电话1]，卡号[银行卡号1]", "复诊请拨[电话1]，身份证[身份证号1]"]
+
+
+def test_ids_and_integers_are_scrubbed(tmp_path):
+    record = {"text": "患者张伟，电话13812345678", "mobile": 13812345678, "visits": 3, "weight": 61.5,
+              "ok": True, "id": "张伟-13812345678", "messages_count": None}
+    data = write(tmp_path / "in.jsonl", [record, {"text": "无", "id": "a-17"}])
+    scrub_paths([str(data)], tmp_path / "out")
+    assert [json.loads(line) for line in (tmp_path / "out" / "in.jsonl").read_text(encoding="utf-8").splitlines()] \
+        == [{"text": "患者[姓名1]，电话[电话1]", "mobile": "[电话1]", "visits": 3, "weight": 61.5, "ok": True,
+             "id": "[姓名1]-[电话1]", "messages_count": None}, {"text": "无", "id": "a-17"}]
+
+
+def test_cleanup_after_a_failed_run_never_raises(tmp_path):
+    """Cleanup runs in `finally`: an error there would replace the error that stopped the run."""
+    from medtune.data.outputs import remove_quietly
+
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    assert remove_quietly(tmp_path / "file" / "out.txt.partial") is None  # NotADirectoryError, swallowed
+    assert remove_quietly(tmp_path / "missing.partial") is None
+    remove_quietly(tmp_path / "file")
+    assert not (tmp_path / "file").exists()

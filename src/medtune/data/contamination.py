@@ -17,7 +17,6 @@ Normalisation (both sides alike), so that re-typing an item does not hide it:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import unicodedata
@@ -27,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.data.loading import FileRecord, FileReport, iter_file_records
+from medtune.data.outputs import check_output_dir, check_output_file, mirrored
 from medtune.data.readers import (
     JSON_SUFFIXES,
     TEXT_SUFFIXES,
-    list_data_files,
+    data_files,
+    is_json_array,
     raise_if_problems,
     read_json_records,
-    read_text_lines,
 )
 from medtune.data.records import (
     AnswerKey,
@@ -41,10 +42,7 @@ from medtune.data.records import (
     Conversation,
     ExamItem,
     PreferencePair,
-    RecordProblem,
     TextDocument,
-    convert,
-    detect_format,
 )
 from medtune.errors import ConfigError, DataError, Problem
 
@@ -146,46 +144,10 @@ def training_text(record) -> str:
 
 # -- streaming records of any format -------------------------------------------------------------------------------
 
-def iter_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, object]]:
-    """(line, converted record) of one file, one record in memory at a time (a .json array is parsed whole).
-
-    The file's format is that of its first recognisable record, as `medtune data check` decides it; a record
-    that does not convert becomes a problem at its line."""
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        for line, text in read_text_lines(path, problems):
-            yield line, TextDocument(text, f"{path}:{line}")
-        return
-    fmt, waiting = None, []
-    for line, raw in read_json_records(path, problems):
-        if fmt is None:
-            fmt = detect_format(raw)
-            if fmt is None:
-                waiting.append((line, raw))  # converted (and reported) once a later record shows the format
-                continue
-        for number, pending in [*waiting, (line, raw)]:
-            try:
-                record = convert(pending, fmt)
-            except RecordProblem as exc:
-                problems.append(Problem(str(path), number, exc.field, exc.message))
-                continue
-            record.source = f"{path}:{number}"
-            yield number, record
-        waiting = []
-    if waiting:
-        number, first = waiting[0]
-        found = ", ".join(sorted(first)) if isinstance(first, dict) else type(first).__name__
-        problems.append(Problem(str(path), number, None, f"unrecognised record (fields: {found})"))
-
-
-def data_files(locations: Iterable[str]) -> list[Path]:
-    files, problems = [], []
-    for location in locations:
-        try:
-            files += list_data_files(location, DATA_SUFFIXES)
-        except DataError as exc:
-            problems += exc.problems
-    raise_if_problems(problems)
-    return list(dict.fromkeys(files))  # a file named twice (itself and inside its folder) is read once
+def iter_records(path: Path, problems: list[Problem]) -> Iterator[FileRecord]:
+    """The converted records of one file, streamed (see `medtune.data.loading.iter_file_records`)."""
+    report = FileReport(str(path), "unknown", problems=problems)
+    yield from iter_file_records(path, report)
 
 
 # -- the evaluation side ---------------------------------------------------------------------------------------------
@@ -271,8 +233,8 @@ class EvalIndex:
 def build_eval_index(locations: list[str], n: int) -> tuple[EvalIndex, list[str]]:
     """(the index, notes on skipped answer-key files). Raises DataError on any malformed evaluation record."""
     index, problems, notes = EvalIndex(n), [], []
-    for path in data_files(locations):
-        records = list(iter_records(path, problems))
+    for path in data_files(locations, DATA_SUFFIXES):
+        records = [(entry.line, entry.record) for entry in iter_records(path, problems)]
         if records and all(isinstance(r, AnswerKey) for _, r in records):
             notes.append(f"{path}: answer key, holds no item text (skipped)")
             continue
@@ -297,6 +259,7 @@ class Match:
     item: int
     train_file: str
     line: int
+    index: int  # the record's position in its file: a .json array written on one line has every record on line 1
     overlap: float
 
 
@@ -312,21 +275,21 @@ def scan_training(index: EvalIndex, locations: list[str], threshold: float, batc
 
     Records are looked up `batch_size` at a time (array operations amortised over the batch, memory still bounded
     by one batch)."""
-    scan, problems, batch = Scan(files=data_files(locations)), [], []
+    scan, problems, batch = Scan(files=data_files(locations, DATA_SUFFIXES)), [], []
 
     def look_up() -> None:
-        for (path, line, _), overlaps in zip(batch, index.batch_overlaps([text for _, _, text in batch])):
-            scan.matches += [Match(item, path, line, overlap) for item, overlap in overlaps.items()
+        for (path, line, position, _), overlaps in zip(batch, index.batch_overlaps([b[3] for b in batch])):
+            scan.matches += [Match(item, path, line, position, overlap) for item, overlap in overlaps.items()
                              if overlap >= threshold]
         batch.clear()
 
     for path in scan.files:
-        for line, record in iter_records(path, problems):
-            if isinstance(record, AnswerKey):
-                problems.append(Problem(str(path), line, None, "an answer key is not training data"))
+        for entry in iter_records(path, problems):
+            if isinstance(entry.record, AnswerKey):
+                problems.append(Problem(str(path), entry.line, None, "an answer key is not training data"))
                 break
             scan.records += 1
-            batch.append((str(path), line, normalise(training_text(record))))
+            batch.append((str(path), entry.line, entry.index, normalise(training_text(entry.record))))
             if len(batch) == batch_size:
                 look_up()
     look_up()
@@ -336,49 +299,32 @@ def scan_training(index: EvalIndex, locations: list[str], threshold: float, batc
 
 # -- writing the clean copy ---------------------------------------------------------------------------------------
 
-def mirror_base(locations: list[str]) -> Path:
-    """The folder whose layout the clean copy mirrors: the one folder given, else the deepest folder holding every
-    input (so `--train data/pretrain data/finetune` keeps `pretrain/` and `finetune/`)."""
-    paths = [Path(p).expanduser().resolve() for p in locations]
-    if len(paths) == 1 and paths[0].is_dir():
-        return paths[0]
-    return Path(os.path.commonpath([p if p.is_dir() else p.parent for p in paths]))
-
-
-def check_clean_target(target: Path, locations: list[str]) -> None:
-    resolved = target.expanduser().resolve()
-    for location in locations:
-        source = Path(location).expanduser().resolve()
-        if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise ConfigError(f"--write_clean {target}: must be outside the training data ({location})")
-    if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
-        raise ConfigError(f"--write_clean {target}: exists and is not an empty folder; choose a new folder")
-
-
-def write_without_lines(source: Path, target: Path, removed: set[int]) -> None:
-    """Copy `source` without the records starting on `removed` lines; kept records are copied unchanged (a .json
-    array is written again, one element per kept record)."""
+def write_without(source: Path, target: Path, removed: set[tuple[int, int]]) -> None:
+    """Copy `source` without the `removed` records, (line, index) each; kept records are copied unchanged. A .json
+    array is written again without the removed elements (by index: a one-line array has them all on line 1), a
+    line-per-record file without the removed lines."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if not removed:
         shutil.copyfile(source, target)
         return
-    if source.suffix.lower() == ".json" and source.read_bytes().decode("utf-8-sig").lstrip().startswith("["):
-        kept = [record for line, record in read_json_records(source, []) if line not in removed]
+    if is_json_array(source):
+        indices = {index for _, index in removed}
+        kept = [record for index, (_, record) in enumerate(read_json_records(source, [])) if index not in indices]
         target.write_text(json.dumps(kept, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         return
+    lines = {line for line, _ in removed}
     with open(source, "rb") as reader, open(target, "wb") as writer:
-        writer.writelines(raw for number, raw in enumerate(reader, start=1) if number not in removed)
+        writer.writelines(raw for number, raw in enumerate(reader, start=1) if number not in lines)
 
 
 def write_clean(scan: Scan, locations: list[str], target: Path) -> dict[str, int]:
     """{file: records removed} for every training file, written under `target`."""
-    base = mirror_base(locations)
-    removed: dict[str, set[int]] = {str(p): set() for p in scan.files}
+    removed: dict[str, set[tuple[int, int]]] = {str(p): set() for p in scan.files}
     for match in scan.matches:
-        removed[match.train_file].add(match.line)
-    for path in scan.files:
-        write_without_lines(path, target / path.resolve().relative_to(base), removed[str(path)])
-    return {name: len(lines) for name, lines in removed.items()}
+        removed[match.train_file].add((match.line, match.index))
+    for path, clean in mirrored(scan.files, locations, target):
+        write_without(path, clean, removed[str(path)])
+    return {name: len(records) for name, records in removed.items()}
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -393,15 +339,15 @@ def build_report(args: ContaminationArguments, index: EvalIndex, scan: Scan, rem
         matches = sorted(by_item[item], key=lambda m: -m.overlap)
         contaminated.append({"eval_file": entry.file, "id": entry.id, "eval_source": entry.source,
                              "ngrams": entry.ngrams,
-                             "matches": [{"train": f"{m.train_file}:{m.line}", "overlap": round(m.overlap, 4)}
-                                         for m in matches]})
+                             "matches": [{"train": f"{m.train_file}:{m.line}", "record": m.index,
+                                          "overlap": round(m.overlap, 4)} for m in matches]})
     report = {
         "ngram": args.ngram, "threshold": args.threshold, "normalisation": NORMALISATION,
         "eval_items": len(index.items) + len(index.too_short), "eval_items_checked": len(index.items),
         "eval_items_too_short": [f"{e.file}:{e.id}" for e in index.too_short],
         "train_files": len(scan.files), "train_records": scan.records,
         "contaminated_items": len(contaminated),
-        "contaminated_records": len({(m.train_file, m.line) for m in scan.matches}),
+        "contaminated_records": len({(m.train_file, m.index) for m in scan.matches}),
         "contaminated": contaminated,
     }
     if removed is not None:
@@ -431,8 +377,9 @@ def print_table(report: dict) -> None:
 
 
 def run_contamination(args: ContaminationArguments) -> dict:
-    if args.write_clean:
-        check_clean_target(Path(args.write_clean), args.train)
+    check_output_file(args.report, "--report")  # before any work: a bad path must not cost the run, nor follow
+    if args.write_clean:                        # a clean copy already written
+        check_output_dir(args.write_clean, "--write_clean", args.train, must_be_empty=True)
     index, notes = build_eval_index(args.eval, args.ngram)
     for note in notes:
         print(note)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.data.readers import list_data_files, raise_if_problems
+from medtune.data.outputs import check_output_file
+from medtune.data.readers import data_files, raise_if_problems, utf8_problem
 from medtune.data.records import SINGLE_CHOICE, RecordProblem, to_exam_item
 from medtune.errors import DataError, Problem
 
@@ -55,19 +57,25 @@ def subject_and_split(path: Path, layout_name: str) -> tuple[str, str]:
 
 
 def csv_rows(path: Path, problems: list[Problem]) -> Iterator[tuple[int, list[str]]]:
-    """(line the row starts on, fields) for every non-blank row, the header first; a quoted field may span lines."""
+    """(line the row starts on, fields) for every non-blank row, the header first; a quoted field may span lines.
+
+    The file is decoded whole first (one subject's CSV is small), so a file that is not UTF-8 (GBK, as Excel saves
+    Chinese CSV) is one problem at the line of its first bad byte, and no row of it is read."""
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is fine
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            start = 1
-            for row in reader:
-                if any(cell.strip() for cell in row):
-                    yield start, row
-                start = reader.line_num + 1
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problems.append(Problem(str(path), None, None, f"not valid UTF-8 ({exc.reason}); re-save the file as UTF-8"))
+        problems.append(utf8_problem(path, raw, exc))
+        return
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                yield start, row
+            start = reader.line_num + 1
     except csv.Error as exc:
-        problems.append(Problem(str(path), None, None, f"not a readable CSV file ({exc})"))
+        problems.append(Problem(str(path), start, None, f"not a readable CSV file ({exc})"))
 
 
 def column_positions(header: list[str], layout: Layout, path: Path, line: int) -> dict[str, int]:
@@ -112,10 +120,12 @@ def convert_file(path: Path, layout_name: str, problems: list[Problem]) -> list[
     """(line, CMB-Exam record) for every row of one CSV file; problems are collected, not raised."""
     layout = LAYOUTS[layout_name]
     subject, split = subject_and_split(path, layout_name)
+    before = len(problems)
     rows = csv_rows(path, problems)
     header_line, header = next(rows, (None, None))
     if header is None:
-        problems.append(Problem(str(path), None, None, "no rows: the file is empty"))
+        if len(problems) == before:  # not after a decoding problem: that file was never read
+            problems.append(Problem(str(path), None, None, "no rows: the file is empty"))
         return []
     try:
         positions = column_positions(header, layout, path, header_line)
@@ -154,14 +164,8 @@ def repeated_id_problems(converted: list[tuple[Path, int, dict]]) -> list[Proble
 def convert_files(inputs: list[str], layout_name: str) -> list[dict]:
     """Every item of every CSV under `inputs` (files or folders), in file order; DataError lists every problem."""
     problems: list[Problem] = []
-    files: list[Path] = []
-    for location in inputs:
-        try:
-            files += list_data_files(location, (".csv",))
-        except DataError as exc:
-            problems += exc.problems
     converted = []
-    for path in dict.fromkeys(files):
+    for path in data_files(inputs, (".csv",)):
         converted += [(path, line, record) for line, record in convert_file(path, layout_name, problems)]
     problems += repeated_id_problems(converted)
     raise_if_problems(problems)
@@ -185,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    output = check_output_file(args.output, "--output")  # before any work
     records = convert_files(args.inputs, args.layout)
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     subjects = Counter(record["exam_class"] for record in records)

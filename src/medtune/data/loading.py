@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from medtune.data.readers import (
     JSON_SUFFIXES,
@@ -38,16 +40,6 @@ class FileReport:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _file_format(records: list[tuple[int, object]], forced: str | None) -> str | None:
-    if forced:
-        return forced
-    for _, record in records:
-        fmt = detect_format(record)
-        if fmt:
-            return fmt
-    return None
-
-
 def empty_file_problem(path: Path) -> Problem:
     """An input file with no record at all is a mistake (a failed export, the wrong file), never skipped quietly."""
     return Problem(str(path), None, None, "no records: the file is empty (or holds only whitespace or [])")
@@ -72,47 +64,77 @@ def require_records(kept, read, message: str) -> None:
         raise DataError([Problem(records_location(read), None, None, message)])
 
 
+class FileRecord(NamedTuple):
+    """One record of a file: the line it starts on, its position among the file's records (0-based: a .json array
+    written on one line has every record on line 1), the record as read, and as converted."""
+
+    line: int
+    index: int
+    raw: Any
+    record: Any
+
+
+def unrecognised_problem(path: Path, line: int, record: Any) -> Problem:
+    found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+    known = "; ".join(f"{name}: {'+'.join(keys)}" for name, keys in FORMAT_KEYS.items())
+    return Problem(str(path), line, None, f"unrecognised record (fields: {found}); expected one of {known}")
+
+
+def iter_file_records(path: Path, report: FileReport, kind: str | None = None,
+                      data_format: str | None = None) -> Iterator[FileRecord]:
+    """Stream one file's converted records, one in memory at a time (a .json array is parsed whole).
+
+    The file's format is `data_format`, else that of its first recognisable record; `kind` None accepts any
+    format. Problems go to `report.problems` (a record that does not convert is one, at its line), the format and
+    the count of records to `report`."""
+    problems = report.problems
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        report.format = "text"
+        if kind not in (None, "text"):
+            problems.append(Problem(str(path), None, None, f"plain text cannot be used by {KIND_COMMAND[kind]}"))
+            return
+        for index, (line, text) in enumerate(read_text_lines(path, problems)):
+            report.records += 1
+            yield FileRecord(line, index, text, TextDocument(text, f"{path}:{line}"))
+        if not report.records and not problems:
+            problems.append(empty_file_problem(path))
+        return
+    fmt, waiting, seen = data_format, [], 0
+    for index, (line, raw) in enumerate(read_json_records(path, problems)):
+        seen += 1
+        if fmt is None:
+            fmt = detect_format(raw)
+            if fmt is None:
+                waiting.append((line, index, raw))  # converted (and reported) once a later record shows the format
+                continue
+        if report.format == "unknown":
+            report.format = fmt
+            if kind is not None and FORMAT_KIND[fmt] != kind:
+                problems.append(Problem(str(path), (waiting or [(line,)])[0][0], None,
+                                        f"holds {fmt} records, which are for {KIND_COMMAND[FORMAT_KIND[fmt]]}, not "
+                                        f"{KIND_COMMAND[kind]}"))
+                return
+        for number, position, pending in [*waiting, (line, index, raw)]:
+            try:
+                record = convert(pending, fmt)
+            except RecordProblem as exc:
+                problems.append(Problem(str(path), number, exc.field, exc.message))
+                continue
+            record.source = f"{path}:{number}"
+            report.records += 1
+            yield FileRecord(number, position, pending, record)
+        waiting = []
+    if waiting:
+        problems.append(unrecognised_problem(path, waiting[0][0], waiting[0][2]))
+    if not seen and not problems:
+        problems.append(empty_file_problem(path))
+
+
 def read_file(path: Path, kind: str | None, data_format: str | None = None) -> tuple[list, FileReport]:
     """Convert one file's records; `kind` None accepts any format (used by `medtune data check`)."""
-    problems: list[Problem] = []
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        items = [TextDocument(text, f"{path}:{line}") for line, text in read_text_lines(path, problems)]
-        report = FileReport(str(path), "text", len(items), problems)
-        if not items and not problems:
-            problems.append(empty_file_problem(path))
-        if kind not in (None, "text"):
-            report.problems.append(Problem(str(path), None, None, f"plain text cannot be used by {KIND_COMMAND[kind]}"))
-        return items, report
-
-    raw = list(read_json_records(path, problems))
-    if not raw and not problems:
-        problems.append(empty_file_problem(path))
-    fmt = _file_format(raw, data_format)
-    report = FileReport(str(path), fmt or "unknown", 0, problems)
-    if fmt is None:
-        if raw:
-            line, first = raw[0]
-            found = ", ".join(sorted(first)) if isinstance(first, dict) else type(first).__name__
-            known = "; ".join(f"{name}: {'+'.join(keys)}" for name, keys in FORMAT_KEYS.items())
-            problems.append(Problem(str(path), line, None, f"unrecognised record (fields: {found}); expected one of "
-                                                           f"{known}"))
-        return [], report
-    if kind is not None and FORMAT_KIND[fmt] != kind:
-        problems.append(Problem(str(path), raw[0][0] if raw else None, None,
-                                f"holds {fmt} records, which are for {KIND_COMMAND[FORMAT_KIND[fmt]]}, not "
-                                f"{KIND_COMMAND[kind]}"))
-        return [], report
-    items = []
-    for line, record in raw:
-        try:
-            item = convert(record, fmt)
-        except RecordProblem as exc:
-            problems.append(Problem(str(path), line, exc.field, exc.message))
-            continue
-        item.source = f"{path}:{line}"
-        items.append(item)
-    report.records = len(items)
-    problems.sort(key=lambda p: p.line or 0)
+    report = FileReport(str(path), "unknown")
+    items = [entry.record for entry in iter_file_records(path, report, kind, data_format)]
+    report.problems.sort(key=lambda p: p.line or 0)
     return items, report
 
 

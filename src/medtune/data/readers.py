@@ -32,7 +32,41 @@ def list_data_files(location: str | Path, suffixes: tuple[str, ...]) -> list[Pat
     return matched
 
 
-def _decode_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
+def data_files(locations: list[str] | tuple[str, ...], suffixes: tuple[str, ...]) -> list[Path]:
+    """Every file with one of `suffixes` under `locations`, each once (a file named twice, itself and inside its
+    folder, is read once); DataError lists every location that holds none."""
+    files, problems = [], []
+    for location in locations:
+        try:
+            files += list_data_files(location, suffixes)
+        except DataError as exc:
+            problems += exc.problems
+    raise_if_problems(problems)
+    return list(dict.fromkeys(files))
+
+
+def is_json_array(path: Path) -> bool:
+    """Whether `path` is a .json file holding one array (read up to its first character that is not a
+    byte-order mark or whitespace)."""
+    if path.suffix.lower() != ".json":
+        return False
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4096):
+            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return head[:1] == b"["
+    return False
+
+
+def utf8_problem(path: Path, raw: bytes, exc: UnicodeDecodeError, first_line: int = 1) -> Problem:
+    """Where `raw` (starting at `first_line` of `path`) stops being UTF-8, as a file:line problem with the column."""
+    line = first_line + raw.count(b"\n", 0, exc.start)
+    column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+    return Problem(str(path), line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+                                          "re-save the file as UTF-8")
+
+
+def decode_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) pairs; a line that is not UTF-8 becomes a problem, not a crash."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -41,14 +75,12 @@ def _decode_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, st
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problems.append(Problem(str(path), number, None,
-                                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                                        "re-save the file as UTF-8"))
+                problems.append(utf8_problem(path, raw, exc, number))
 
 
 def read_text_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, str]]:
     """Non-empty lines of a plain-text file; each line is one document."""
-    for number, line in _decode_lines(path, problems):
+    for number, line in decode_lines(path, problems):
         text = line.strip()
         if text:
             yield number, text
@@ -94,16 +126,16 @@ def _read_json_array(path: Path, text: str, problems: list[Problem]) -> Iterator
 
 def read_json_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
     """Records of a JSON Lines file, or of a .json file holding one array of records (or JSON Lines)."""
-    if path.suffix.lower() == ".json":
+    if is_json_array(path):
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is fine
         try:
-            text = path.read_bytes().decode("utf-8-sig")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.append(Problem(str(path), None, None, f"not valid UTF-8 ({exc.reason}); re-save as UTF-8"))
+            problems.append(utf8_problem(path, raw, exc))
             return
-        if text.lstrip().startswith("["):
-            yield from _read_json_array(path, text, problems)
-            return
-    for number, line in _decode_lines(path, problems):
+        yield from _read_json_array(path, text, problems)
+        return
+    for number, line in decode_lines(path, problems):
         if not line.strip():
             continue
         try:

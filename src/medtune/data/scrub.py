@@ -2,8 +2,9 @@
 
 Streams: each file is read one line (one record) at a time and written as it is read, so memory stays constant
 on large corpora (a `.json` file holding one array is the exception: JSON arrays are parsed whole). Each record
-keeps its structure — the same keys, roles and turns — and every text field in it is scrubbed; the role and id
-fields are left as they are. A record that cannot be read is listed as `file:line: field: message`, and then the
+keeps its structure — the same keys, roles and turns — and every text field in it is scrubbed, ids and integers
+included (an integer holding a phone number becomes its placeholder text); only the role fields are left as they
+are. A record that cannot be read is listed as `file:line: field: message`, and then the
 command stops with exit code 2 and writes nothing: a de-identification that passed a bad record through unread
 could leak exactly what it was meant to remove.
 """
@@ -19,21 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medtune.data.loading import FileReport, empty_file_problem, iter_file_records
+from medtune.data.outputs import check_output_dir, mirrored, remove_quietly
 from medtune.data.pii import KINDS, Replacer
 from medtune.data.pii.names import load_name_dictionary
-from medtune.data.readers import (
-    JSON_SUFFIXES,
-    TEXT_SUFFIXES,
-    _decode_lines,
-    list_data_files,
-    read_json_records,
-)
-from medtune.data.records import FORMAT_KEYS, RecordProblem, convert, detect_format
+from medtune.data.readers import JSON_SUFFIXES, TEXT_SUFFIXES, data_files, decode_lines, is_json_array
 from medtune.errors import DataError, Problem
 
 logger = logging.getLogger(__name__)
 SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES
-UNTOUCHED_KEYS = {"from", "role", "id"}  # structure, not text: ShareGPT/OpenAI roles and record ids
+# Roles are structure, never personal information. Everything else is read: ids too (an id such as
+# "张伟-13812345678" leaks like any text), and integers (a phone number stored as a JSON number, 13812345678).
+UNTOUCHED_KEYS = {"from", "role"}
 REPORT_NAME = "scrub_report.json"
 
 
@@ -43,50 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replace personal information (names, phone numbers, resident ID numbers, medical record "
                     "numbers, e-mail addresses, street addresses, dates of birth, bank card numbers, ages over 89) "
                     "with typed placeholders such as [姓名1] and [电话1], numbered consistently within each "
-                    "record, in pretraining text (.txt/.jsonl), conversations and preference pairs. Writes the "
-                    f"scrubbed files under --output_dir with the same relative paths, and {REPORT_NAME} with "
+                    "record, in pretraining text (.txt/.jsonl), conversations and preference pairs; ids and "
+                    "integers are read too. Writes the scrubbed files under --output_dir with the same relative "
+                    f"paths (several inputs: below the folder holding them all), and {REPORT_NAME} with "
                     "counts per kind and per file (never the values). Exit code 2 and nothing written if any "
                     "record cannot be read.",
     )
     parser.add_argument("paths", nargs="+", help="Files or folders (searched recursively for .txt/.json/.jsonl).")
-    parser.add_argument("--output_dir", required=True, help="Folder for the scrubbed files and the report.")
+    parser.add_argument("--output_dir", required=True, help="Folder for the scrubbed files and the report, outside "
+                                                             "every input.")
     return parser
 
 
 def output_paths(locations: list[str], output_dir: Path) -> list[tuple[Path, Path]]:
-    """(input, output) pairs: a file keeps its name, a folder's files keep their paths inside it."""
-    pairs, problems = [], []
-    for location in locations:
-        root = Path(location).expanduser()
-        try:
-            files = list_data_files(root, SUFFIXES)
-        except DataError as exc:
-            problems += exc.problems
-            continue
-        for path in files:
-            relative = path.name if root.is_file() else path.relative_to(root)
-            pairs.append((path, output_dir / relative))
-    seen: dict[Path, Path] = {}
-    for source, target in pairs:
-        if target.resolve() == source.resolve():
-            problems.append(Problem(str(source), None, None, "--output_dir would overwrite the input file; choose "
-                                                             "another folder"))
-        elif target in seen:
-            problems.append(Problem(str(source), None, None, f"writes to the same output as {seen[target]}; scrub "
-                                                             "them in separate runs or pass their common folder"))
-        seen[target] = source
-    if problems:
-        raise DataError(problems)
-    return pairs
+    """(input, output) pairs, mirrored under `output_dir` as `data contamination --write_clean` does; the output
+    folder must be outside every input (a second run would otherwise read its own output)."""
+    check_output_dir(output_dir, "--output_dir", locations)
+    return mirrored(data_files(locations, SUFFIXES), locations, output_dir)
 
 
 def scrub_value(value: Any, texts: list[str], put_back: Iterator[str] | None = None) -> Any:
-    """Walk a JSON record: collect its text fields into `texts`, or (with `put_back`) replace them in order."""
-    if isinstance(value, str):
+    """Walk a JSON record: collect its text fields and integers into `texts`, or (with `put_back`) replace them in
+    order. An integer that held personal information becomes the placeholder text; any other stays a number."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        text = str(value)
         if put_back is None:
-            texts.append(value)
+            texts.append(text)
             return value
-        return next(put_back)
+        scrubbed = next(put_back)
+        return value if scrubbed == text else scrubbed
     if isinstance(value, list):
         return [scrub_value(item, texts, put_back) for item in value]
     if isinstance(value, dict):
@@ -101,20 +84,10 @@ def scrub_record(record: Any, replacer: Replacer) -> Any:
     return scrub_value(record, [], iter(replacer.scrub_fields(texts)))
 
 
-def check_record(record: Any) -> None:
-    """Raise RecordProblem unless `record` is a valid record of a format medtune reads."""
-    fmt = detect_format(record)
-    if fmt is None:
-        found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-        raise RecordProblem(None, f"unrecognised record (fields: {found}); expected one of "
-                                  f"{'; '.join(f'{n}: {chr(43).join(k)}' for n, k in FORMAT_KEYS.items())}")
-    convert(record, fmt)
-
-
 def scrub_text_file(source: Path, out, replacer: Replacer, problems: list[Problem]) -> int:
     """One document per line; blank lines are kept so the file keeps its shape."""
     records = 0
-    for _, line in _decode_lines(source, problems):
+    for _, line in decode_lines(source, problems):
         body = line.rstrip("\r\n")
         if body.strip():
             body = replacer.scrub_fields([body])[0]
@@ -124,15 +97,12 @@ def scrub_text_file(source: Path, out, replacer: Replacer, problems: list[Proble
 
 
 def scrub_json_file(source: Path, out, replacer: Replacer, problems: list[Problem]) -> int:
-    array = source.suffix.lower() == ".json" and source.read_bytes().lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
+    """Every record must convert (as training would read it) before it is scrubbed: an unreadable one could
+    pass personal information through unread."""
+    array = is_json_array(source)
     records = 0
-    for line, record in read_json_records(source, problems):
-        try:
-            check_record(record)
-        except RecordProblem as exc:
-            problems.append(Problem(str(source), line, exc.field, exc.message))
-            continue
-        text = json.dumps(scrub_record(record, replacer), ensure_ascii=False)
+    for entry in iter_file_records(source, FileReport(str(source), "unknown", problems=problems)):
+        text = json.dumps(scrub_record(entry.raw, replacer), ensure_ascii=False)
         out.write(("[\n" if records == 0 else ",\n") + text if array else text + "\n")
         records += 1
     if array:
@@ -148,9 +118,8 @@ def scrub_file(source: Path, target: Path, problems: list[Problem]) -> dict:
     with open(partial(target), "w", encoding="utf-8") as out:
         scrub = scrub_text_file if source.suffix.lower() in TEXT_SUFFIXES else scrub_json_file
         records = scrub(source, out, replacer, problems)
-    if records == 0 and len(problems) == before:
-        problems.append(Problem(str(source), None, None, "no records: the file is empty (or holds only whitespace "
-                                                         "or [])"))
+    if records == 0 and len(problems) == before and scrub is scrub_text_file:
+        problems.append(empty_file_problem(source))
     return {"records": records, "replaced": {kind: replacer.counts[kind] for kind in KINDS}}
 
 
@@ -170,7 +139,7 @@ def scrub_paths(locations: list[str], output_dir: str | Path) -> dict:
     finally:
         if problems or len(files) < len(pairs):  # bad input or an interruption: leave nothing half-scrubbed
             for _, target in pairs:
-                partial(target).unlink(missing_ok=True)
+                remove_quietly(partial(target))
     if problems:
         raise DataError(problems)
     for _, target in pairs:

@@ -23,13 +23,18 @@ def write_results(output_dir: Path, results: dict, title: str) -> None:
     _bar_chart(output_dir / "results.png", results, title)
 
 
+def chart_groups(results: dict) -> list[str]:
+    """The chart's bars, in the order of results.md's numbered rows (a bar drawn as its number is that row)."""
+    return [f"{r['exam_type']}\n{r['exam_class']}" for r in results["by_class"]] + ["overall"]
+
+
 def _bar_chart(path: Path, results: dict, title: str) -> None:
     """Accuracy per exam class and overall, with the chance line when the results carry one. Without a CJK font
     the Chinese class names are drawn as their row number in results.md (the shared chart helpers' fallback)."""
-    from medtune.reporting.charts import grouped_bars
+    from medtune.charts import grouped_bars
 
     rows = results["by_class"]
-    groups = [f"{r['exam_type']}\n{r['exam_class']}" for r in rows] + ["overall"]
+    groups = chart_groups(results)
     accuracies = [100 * r["accuracy"] for r in rows] + [100 * results["overall"]]
     model = Path(str(results.get("model") or "model")).name or "model"  # a folder path is too long for a legend
     chance = results.get("chance")

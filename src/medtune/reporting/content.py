@@ -49,10 +49,14 @@ class SafetyChange:
     answer: str
     before: str
     after: str
+    # as the evaluation scored each answer (its `correct` field): 'CA' for the key 'AC' is right, though the
+    # strings differ
+    before_correct: bool
+    after_correct: bool
 
     @property
     def verdict(self) -> str:
-        was, now = self.before == self.answer, self.after == self.answer
+        was, now = self.before_correct, self.after_correct
         return "fixed" if now and not was else "broken" if was and not now else "changed (still wrong)"
 
 
@@ -227,9 +231,43 @@ def safety_comparison(names: list[str], evaluations: dict) -> SafetyComparison |
     shared = [i for i in before if i in after]
     changes = [SafetyChange(i, str(before[i].get("question", "")), dict(before[i].get("options") or {}),
                             str(before[i].get("answer", "")), str(before[i].get("model_answer", "")),
-                            str(after[i].get("model_answer", "")))
-               for i in shared if before[i].get("model_answer") != after[i].get("model_answer")]
+                            str(after[i].get("model_answer", "")), _correct(before[i]), _correct(after[i]))
+               for i in shared if _answer_moved(before[i], after[i])]
     return SafetyComparison(names[0], later[-1], len(shared), changes)
+
+
+def _correct(item: dict) -> bool:
+    """The evaluation's own verdict (`correct`); without one, the answer string against the key."""
+    if isinstance(item.get("correct"), bool):
+        return item["correct"]
+    return str(item.get("model_answer", "")) == str(item.get("answer", ""))
+
+
+def _letters(answer) -> str:
+    """The answer's option letters in order (CA and AC are one answer); the text itself when it holds none."""
+    text = str(answer or "").upper()
+    letters = sorted(set(c for c in text if "A" <= c <= "G"))
+    return "".join(letters) if letters and all(c in "ABCDEFG ,，、" for c in text) else text
+
+
+def _answer_moved(before: dict, after: dict) -> bool:
+    return (_letters(before.get("model_answer")) != _letters(after.get("model_answer"))
+            or _correct(before) != _correct(after))
+
+
+def item_sets(names: list[str], evaluations: dict) -> dict[str, bool | None]:
+    """Per exam set that some model was evaluated on: True when every such model answered the same item ids, False
+    when they differ, None when an evaluation does not list its items (identity cannot be checked)."""
+    verdicts: dict[str, bool | None] = {}
+    for key, label in EXAM_SETS.items():
+        blocks = [((evaluations.get(n) or {}).get(key)) for n in names]
+        blocks = [b for b in blocks if isinstance(b, dict)]
+        if len(blocks) < 2:
+            continue
+        ids = [sorted(str(i.get("id")) for i in b["items"] if isinstance(i, dict))
+               if isinstance(b.get("items"), list) else None for b in blocks]
+        verdicts[label] = None if None in ids else all(i == ids[0] for i in ids)
+    return verdicts
 
 
 def _training_stage(name: str, entry: dict) -> TrainingStage:

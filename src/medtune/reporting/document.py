@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medtune.charts import Chart
 from medtune.reporting import figures
-from medtune.reporting.charts import Chart
-from medtune.reporting.content import STAGE_TITLES, Report
+from medtune.reporting.content import STAGE_TITLES, Report, item_sets
 from medtune.reporting.tables import (
     Table,
     comparison_table,
@@ -78,8 +78,7 @@ def comparison(report: Report, charts: bool) -> Section:
     if not report.measures:
         return _noted(section, "No evaluation results in this run.")
     section.blocks += [
-        Text("Every model was evaluated on the identical items. Δ columns give the change from the model to their "
-             "left (percentage points for accuracies); the last column the change from the first model to the "
+        Text(_same_items(report) + "Δ columns give the change from the model to their left (percentage points for accuracies); the last column the change from the first model to the "
              "last. Accuracy is the mean over exam types, as the CMB leaderboard averages; chance is what uniform "
              "random guessing scores on the same items."),
         comparison_table(report)]
@@ -89,6 +88,18 @@ def comparison(report: Report, charts: bool) -> Section:
         section.blocks += [c for c in (figures.exam_type_chart(report), figures.exam_sets_chart(report),
                                        figures.generation_metrics_chart(report)) if c is not None]
     return section
+
+
+def _same_items(report: Report) -> str:
+    """What the evaluations show about the items each model answered, from their item ids; nothing when they do
+    not list them."""
+    verdicts = item_sets(report.model_names, report.evaluations)
+    differing = [label for label, same in verdicts.items() if same is False]
+    if differing:
+        return f"Not every model answered the same items in: {', '.join(differing)}; compare those with care. "
+    if verdicts and all(verdicts.values()):
+        return "Every model answered the same items (the same item ids in every set). "
+    return ""
 
 
 def safety(report: Report) -> Section:

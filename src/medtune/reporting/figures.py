@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medtune.reporting.charts import Chart, Panel, Series, grouped_bars, histogram, line_panels
+from medtune.charts import Chart, Panel, Series, grouped_bars, histogram, line_panels
 from medtune.reporting.content import EXAM_SETS, DataFile, Report, TrainingStage
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from medtune.reporting.charts import Chart
+from medtune.charts import Chart
 from medtune.reporting.document import Heading, Section, Text
 from medtune.reporting.tables import Table
 

@@ -82,13 +82,14 @@ def safety_table(comparison: SafetyComparison) -> Table:
                    "change"])
     for change in comparison.changes:
         options = "\n".join(f"{letter}. {text}" for letter, text in change.options.items())
-        table.rows.append([change.id, change.question, options, change.answer, _marked(change.before, change.answer),
-                           _marked(change.after, change.answer), change.verdict])
+        table.rows.append([change.id, change.question, options, change.answer,
+                           _marked(change.before, change.before_correct), _marked(change.after, change.after_correct),
+                           change.verdict])
     return table
 
 
-def _marked(given: str, correct: str) -> str:
-    return f"{given or '(none)'} {'✓' if given == correct else '✗'}"
+def _marked(given: str, correct: bool) -> str:
+    return f"{given or '(none)'} {'✓' if correct else '✗'}"
 
 
 def data_table(report: Report) -> Table:

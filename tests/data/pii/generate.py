@@ -4,12 +4,14 @@
 (会诊) notes. Each record is a list of text fields (one for a note, one per turn for a dialogue) and, per field,
 the gold spans of every planted item: `(start, end, kind)`, kinds as in `medtune.data.pii.KINDS`. Look-alikes that
 must stay (drug doses, lab values, ICD-10 codes, onset and visit dates, departments, herb and drug names that
-look like names, ages up to 89, 18-digit barcodes with a wrong ID check digit) are recorded too, as
+look like names, drugs, herbs and findings right after 患者 that start with a surname character (患者华法林抗凝治疗中),
+ages up to 89, 18-digit barcodes with a wrong ID check digit) are recorded too, as
 `(start, end, "lookalike:<what>")`, so the test can count them; a finding that overlaps one is a false positive.
 
 Deliberately independent of the detector: its own surname and given-name lists (a few rare surnames the
 detector does not list), its own check-digit and Luhn code, and phrasings the detector has no cue for (由其外甥…陪同,
-我是…的家属), so the measured recall is not a closed loop. The clinical content is medically consistent per disease.
+我是…的家属), so the measured recall is not a closed loop. Some phone and card numbers are typed in full-width digits. The
+clinical content is medically consistent per disease (onset, age and sex ranges per disease).
 Deterministic for a given seed.
 """
 
@@ -36,6 +38,7 @@ GIVEN_PAIRS = ["建国", "秀英", "桂兰", "志强", "丽娟", "浩然", "子�
 REGIONS = ["110105", "110108", "120101", "130102", "140105", "210202", "220102", "310104", "310115", "320102",
            "320506", "330106", "340104", "350203", "360102", "370102", "410105", "420106", "430104", "440106",
            "440305", "450103", "500103", "510107", "520102", "530102", "610113", "620102", "650102", "460106"]
+FULL_WIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
 ID_WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 
 
@@ -121,6 +124,10 @@ class Planter:
         good = id_check_digit(body)
         return body + self.choice([c for c in "0123456789X" if c != good])
 
+    def full_width(self, number: str) -> str:
+        """Now and then typed with a Chinese input method: full-width digits (１３８…)."""
+        return number.translate(FULL_WIDTH) if self.chance(0.08) else number
+
     def mobile(self) -> str:
         digits = self.choice(["13", "15", "18", "17", "19", "14"]) + "".join(str(self.rng.randrange(10)) for _ in range(9))
         style = self.rng.randrange(5)
@@ -130,7 +137,7 @@ class Planter:
             return f"{digits[:3]} {digits[3:7]} {digits[7:]}"
         if style == 3:
             return "+86 " + digits
-        return digits
+        return self.full_width(digits)
 
     def landline(self) -> str:
         area, length = self.choice([("010", 8), ("021", 8), ("020", 8), ("0571", 8), ("0755", 8), ("028", 8),
@@ -166,7 +173,7 @@ class Planter:
         number = body + luhn_digit(body)
         if self.chance(0.3):
             return " ".join(number[i:i + 4] for i in range(0, len(number), 4))
-        return number
+        return self.full_width(number)
 
     def address(self, street_required: bool = False) -> str:
         city, districts = self.choice([
@@ -201,45 +208,56 @@ class Planter:
 
 
 # --- clinical content ----------------------------------------------------------------------------------------
+# Each disease: `onset` = the range of {n} in its complaint, in `unit`s (consistent with the plan: alteplase only
+# within 4.5 h of a stroke, PCI within 12 h of a STEMI, appendicitis pain that moved after 6 h), and `after_patient`
+# = what clinical text writes right after 患者 that starts with a surname character (drugs, herbs, findings):
+# look-alikes that must stay, the second part continues the sentence.
 DISEASES = [
-    dict(diagnosis="急性前壁ST段抬高型心肌梗死", icd="I21.0", dept="心内科", complaint="持续性胸骨后压榨样疼痛{n}小时",
+    dict(diagnosis="急性前壁ST段抬高型心肌梗死", onset=(1, 11), unit="小时", after_patient=[("阿司匹林", "300mg嚼服后胸痛无明显缓解"), ("舒张压", "60 mmHg，收缩压95 mmHg"), ("白细胞", "计数轻度升高")], icd="I21.0", dept="心内科", complaint="持续性胸骨后压榨样疼痛{n}小时",
          history="疼痛向左肩放射，伴大汗、恶心，含服硝酸甘油不缓解",
          exam="心电图示V1-V4导联ST段抬高0.3-0.5mV，高敏肌钙蛋白T {v:0.8-3.5} ng/ml",
          plan="阿司匹林300mg、替格瑞洛180mg嚼服负荷，急诊行冠状动脉造影及PCI"),
-    dict(diagnosis="社区获得性肺炎", icd="J18.9", dept="呼吸与危重症医学科", complaint="发热、咳嗽、咳黄痰{n}天",
+    dict(diagnosis="社区获得性肺炎", onset=(2, 7), unit="天", after_patient=[("莫西沙星", "0.4g qd静滴3天后体温下降"), ("罗红霉素", "口服3天无效后入院"), ("白细胞", "计数升高，以中性粒细胞为主")], icd="J18.9", dept="呼吸与危重症医学科", complaint="发热、咳嗽、咳黄痰{n}天",
          history="最高体温39.2℃，伴寒战及右侧胸痛", exam="WBC {v:12-18}×10^9/L，中性粒细胞85%，CRP 96 mg/L，胸部CT示右下肺实变",
          plan="头孢曲松2.0g ivgtt qd联合阿奇霉素0.5g ivgtt qd抗感染"),
-    dict(diagnosis="2型糖尿病", icd="E11.9", dept="内分泌科", complaint="多饮、多尿、体重下降{n}个月",
-         history="近3个月体重下降约5kg", exam="空腹血糖 {v:9-15} mmol/L，糖化血红蛋白 8.9%，尿酮体阴性",
+    dict(diagnosis="2型糖尿病", onset=(2, 11), unit="个月", after_patient=[("甘油三酯", "2.8 mmol/L"), ("阿卡波糖", "50mg tid与第一口饭同时嚼服"), ("单侧", "足背动脉搏动减弱"), ("戴眼镜", "仍视物模糊，眼底检查示非增殖期糖尿病视网膜病变")], icd="E11.9", dept="内分泌科", complaint="多饮、多尿、体重下降{n}个月",
+         history="病程中体重下降约5kg", exam="空腹血糖 {v:9-15} mmol/L，糖化血红蛋白 8.9%，尿酮体阴性",
          plan="二甲双胍0.5g tid餐中服，糖尿病饮食及运动指导"),
-    dict(diagnosis="原发性高血压3级（很高危）", icd="I10", dept="心内科", complaint="反复头晕{n}年，加重3天",
+    dict(diagnosis="原发性高血压3级（很高危）", onset=(2, 11), unit="年", after_patient=[("华法林", "抗凝治疗中（心房颤动），INR 2.3，嘱华法林与阿司匹林避免合用"), ("舒张压", "持续高于100 mmHg"), ("房颤", "病史5年，长期华法林抗凝")], icd="I10", dept="心内科", complaint="反复头晕{n}年，加重3天",
          history="血压最高190/110mmHg，未规律服药", exam="血压 172/98 mmHg，心率 {v:72-96} 次/分，血钾 3.9 mmol/L",
          plan="氨氯地平5mg qd联合缬沙坦80mg qd，低盐饮食"),
-    dict(diagnosis="慢性阻塞性肺疾病急性加重", icd="J44.1", dept="呼吸与危重症医学科", complaint="反复咳嗽咳痰20年，气促加重{n}天",
+    dict(diagnosis="慢性阻塞性肺疾病急性加重", onset=(2, 7), unit="天", after_patient=[("莫西沙星", "0.4g qd静滴抗感染"), ("白细胞", "计数正常，痰培养待回报"), ("桶状胸", "，叩诊呈过清音")], icd="J44.1", dept="呼吸与危重症医学科", complaint="反复咳嗽咳痰20年，气促加重{n}天",
          history="冬春季节易发作，吸烟40包年", exam="SpO2 {v:86-92}%，动脉血气PaCO2 52mmHg，双肺可闻及哮鸣音",
          plan="低流量吸氧，布地奈德混悬液雾化，甲泼尼龙40mg qd静滴5天"),
-    dict(diagnosis="急性阑尾炎", icd="K35.8", dept="普通外科", complaint="转移性右下腹痛{n}小时",
+    dict(diagnosis="急性阑尾炎", onset=(8, 24), unit="小时", after_patient=[("麦氏点", "压痛、反跳痛明显"), ("包块", "未触及，结肠充气试验阳性"), ("白细胞", "及中性粒细胞比例升高")], icd="K35.8", dept="普通外科", complaint="转移性右下腹痛{n}小时",
          history="疼痛始于脐周，6小时后转移至右下腹", exam="麦氏点压痛、反跳痛，WBC {v:11-16}×10^9/L",
          plan="急诊行腹腔镜阑尾切除术，术前头孢呋辛1.5g静滴"),
-    dict(diagnosis="急性缺血性脑卒中", icd="I63.9", dept="神经内科", complaint="突发左侧肢体无力{n}小时",
+    dict(diagnosis="急性缺血性脑卒中", onset=(1, 4), unit="小时", after_patient=[("房颤", "病史3年，未规律抗凝"), ("阿替普酶", "溶栓后24小时复查头颅CT未见出血"), ("舒张压", "105 mmHg，溶栓前血压控制在185/110 mmHg以下")], icd="I63.9", dept="神经内科", complaint="突发左侧肢体无力{n}小时",
          history="伴言语含糊，无头痛呕吐", exam="NIHSS评分 {v:4-12} 分，头颅CT未见出血",
          plan="发病4.5小时内予阿替普酶0.9mg/kg静脉溶栓"),
-    dict(diagnosis="缺铁性贫血", icd="D50.9", dept="血液科", complaint="乏力、活动后心悸{n}个月",
-         history="月经量多2年", sex="女", exam="血红蛋白 {v:68-95} g/L，MCV 72 fl，血清铁蛋白 6 μg/L",
+    dict(diagnosis="缺铁性贫血", onset=(2, 11), unit="个月", after_patient=[("叶酸", "及维生素B12水平正常"), ("白细胞", "及血小板计数正常"), ("宫颈", "筛查未见异常，妇科超声示子宫肌瘤"), ("米非司酮", "10mg qd口服治疗子宫肌瘤，月经量较前减少")], icd="D50.9", dept="血液科", complaint="乏力、活动后心悸{n}个月",
+         history="月经量多2年", sex="女", ages=(20, 50), exam="血红蛋白 {v:68-95} g/L，MCV 72 fl，血清铁蛋白 6 μg/L",
          plan="琥珀酸亚铁0.1g tid口服，维生素C同服"),
-    dict(diagnosis="痛风性关节炎急性发作", icd="M10.9", dept="风湿免疫科", complaint="右足第一跖趾关节红肿热痛{n}天",
+    dict(diagnosis="痛风性关节炎急性发作", onset=(1, 5), unit="天", after_patient=[("秋水仙碱", "0.5mg bid后关节疼痛缓解"), ("白细胞", "轻度升高，血沉增快"), ("单侧", "第一跖趾关节受累")], icd="M10.9", dept="风湿免疫科", complaint="右足第一跖趾关节红肿热痛{n}天",
          history="发作前饮酒及进食海鲜", exam="血尿酸 {v:520-680} μmol/L，关节局部皮温升高",
          plan="秋水仙碱0.5mg bid，急性期后启动降尿酸治疗"),
-    dict(diagnosis="幽门螺杆菌相关慢性胃炎", icd="K29.5", dept="消化内科", complaint="上腹部隐痛伴反酸{n}个月",
+    dict(diagnosis="幽门螺杆菌相关慢性胃炎", onset=(2, 11), unit="个月", after_patient=[("阿莫西林", "皮试阴性，无青霉素过敏史"), ("雷贝拉唑", "10mg bid可替代奥美拉唑"), ("柴胡", "疏肝散加减（中医辨证肝胃不和）")], icd="K29.5", dept="消化内科", complaint="上腹部隐痛伴反酸{n}个月",
          history="进食后加重", exam="13C尿素呼气试验阳性，胃镜示胃窦黏膜充血水肿",
          plan="四联疗法14天：阿莫西林1.0g bid、克拉霉素0.5g bid、奥美拉唑20mg bid、枸橼酸铋钾220mg bid"),
-    dict(diagnosis="急性感染性腹泻", icd="A09.9", dept="消化内科", complaint="腹泻、稀水样便每日6-8次{n}天",
+    dict(diagnosis="急性感染性腹泻", onset=(1, 5), unit="天", after_patient=[("蒙脱石散", "3g tid口服后大便次数减少"), ("诸症", "缓解，大便成形"), ("黄连素", "0.3g tid口服")], icd="A09.9", dept="消化内科", complaint="腹泻、稀水样便每日6-8次{n}天",
          history="病前有不洁饮食史", exam="大便常规白细胞 {v:5-15}/HP，血钾 3.3 mmol/L",
          plan="口服补液盐，黄连素（小檗碱）0.3g tid，蒙脱石散3g tid"),
-    dict(diagnosis="药物性肝损伤", icd="K71.9", dept="消化内科", complaint="乏力、纳差、尿黄{n}周",
+    dict(diagnosis="药物性肝损伤", onset=(1, 4), unit="周", after_patient=[("何首乌", "制剂已停用"), ("谷丙转氨酶", "较前下降"), ("甘草酸", "二铵150mg tid口服保肝"), ("黄疸", "逐渐消退")], icd="K71.9", dept="消化内科", complaint="乏力、纳差、尿黄{n}周",
          history="发病前自行服用何首乌制剂2个月", exam="ALT {v:380-900} U/L，总胆红素 68 μmol/L",
          plan="立即停用何首乌，予多烯磷脂酰胆碱456mg tid口服，监测肝功能"),
+    dict(diagnosis="继发性肺结核", onset=(3, 11), unit="周", icd="A15.0", dept="感染科",
+         after_patient=[("利福平", "服药后尿液呈橘红色，属正常现象"),
+                        ("利福平", "、异烟肼、吡嗪酰胺、乙胺丁醇四联抗结核治疗中"), ("戴口罩", "，减少飞沫传播")],
+         complaint="咳嗽、午后低热、盗汗{n}周", history="伴乏力、体重下降", exam="痰抗酸染色阳性，红细胞沉降率 {v:40-80} "
+         "mm/h，胸部CT示右上肺斑片影伴空洞", plan="2HRZE/4HR方案：异烟肼0.3g qd、利福平0.45g qd、吡嗪酰胺1.5g qd、"
+         "乙胺丁醇0.75g qd"),
 ]
+UNIT_DAYS = {"小时": 0, "天": 1, "周": 7, "个月": 30, "年": 365}
 HERBS = ["黄连素", "白芍", "何首乌", "马来酸氯苯那敏", "田七", "金银花", "徐长卿", "刘寄奴", "王不留行", "杜仲", "高良姜",
          "石斛", "陈皮", "柴胡", "马齿苋", "白头翁", "连翘", "苏合香丸", "常山", "防风", "牛黄解毒片", "甘草", "马来酸依那普利"]
 DEPARTMENTS = ["心内科", "呼吸与危重症医学科", "消化内科", "内分泌科", "神经外科", "急诊科", "重症医学科", "肾内科",
@@ -257,6 +275,25 @@ class RecordWriter:
         self.p = planter
         self.fields: list[Field] = []
         self.visit = datetime.date(2023, 1, 1) + datetime.timedelta(days=planter.rng.randrange(700))
+        self.onsets: dict[str, int] = {}
+
+    def onset(self, disease: dict) -> int:
+        """How many `unit`s ago the disease began: one number per record, in the disease's own range."""
+        low, high = disease["onset"]
+        return self.onsets.setdefault(disease["diagnosis"], self.p.rng.randrange(low, high + 1))
+
+    def age(self, disease: dict, *ranges: tuple[int, int]) -> int:
+        """An age from one of `ranges`, within the disease's own age range when it has one (menorrhagia)."""
+        if "ages" in disease:
+            return self.p.rng.randrange(disease["ages"][0], disease["ages"][1] + 1)
+        return self.p.rng.randrange(*self.p.choice(ranges))
+
+    def after_patient(self, f: Field, disease: dict) -> None:
+        """患者 + a drug, herb or finding that starts with a surname character: a look-alike of a name."""
+        word, rest = self.p.choice(disease["after_patient"])
+        f.add("患者")
+        self.lookalike(f, "after 患者", word)
+        f.add(rest, "。")
 
     def field(self) -> Field:
         self.fields.append(Field())
@@ -275,7 +312,7 @@ class RecordWriter:
 
     def disease_text(self, f: Field, disease: dict, template: str) -> None:
         """Clinical text whose numbers are look-alikes (lab values, doses)."""
-        text = template.replace("{n}", str(self.p.rng.randrange(2, 12)))
+        text = template.replace("{n}", str(self.onset(disease)))
         while "{v:" in text:
             head, rest = text.split("{v:", 1)
             spec, tail = rest.split("}", 1)
@@ -294,7 +331,7 @@ def admission_note(w: RecordWriter) -> None:
     p, f = w.p, w.field()
     disease = p.choice(DISEASES)
     patient = p.name()
-    age = p.choice([p.rng.randrange(18, 90), p.rng.randrange(90, 104), p.rng.randrange(45, 90)])
+    age = w.age(disease, (18, 90), (90, 104), (45, 90))
     born = p.birth(age, w.visit)
     sex = disease.get("sex") or p.choice(["男", "女"])
     f.add("入院记录\n", p.choice(["姓名：", "患者姓名："]))
@@ -323,11 +360,15 @@ def admission_note(w: RecordWriter) -> None:
     f.add("。\n现病史：患者")
     f.item("name", patient)
     f.add(p.choice(["于", "自"]))
-    onset = w.visit - datetime.timedelta(days=p.rng.randrange(1, 40))
-    w.lookalike(f, "onset date", p.choice([f"{onset.year}年{onset.month}月{onset.day}日", f"{onset.year}年{onset.month}月"]))
-    f.add(f"起病，{disease['history']}。发病时间")
-    w.lookalike(f, "onset date", f"{p.rng.randrange(2, 9)}天前")
-    f.add("。既往史：")
+    n, unit = w.onset(disease), disease["unit"]
+    onset = w.visit - datetime.timedelta(days=n * UNIT_DAYS[unit])
+    w.lookalike(f, "onset date", f"{onset.year}年" if unit == "年" else f"{onset.year}年{onset.month}月"
+                if unit == "个月" else f"{onset.year}年{onset.month}月{onset.day}日")
+    f.add(f"起病，{disease['history']}。病程")
+    w.lookalike(f, "onset date", f"{n}{unit}")
+    f.add("。")
+    w.after_patient(f, disease)
+    f.add("既往史：")
     if p.chance(0.5):
         f.add("曾自行服用")
         w.lookalike(f, "herb", p.choice(HERBS))
@@ -357,7 +398,7 @@ def admission_note(w: RecordWriter) -> None:
 def outpatient_record(w: RecordWriter) -> None:
     p, f = w.p, w.field()
     disease = p.choice(DISEASES)
-    patient, age = p.name(), p.choice([p.rng.randrange(18, 90), p.rng.randrange(90, 101)])
+    patient, age = p.name(), w.age(disease, (18, 90), (90, 101))
     f.add(f"{disease['dept']}门诊病历  门诊号：")
     f.item("record_no", p.record_number())
     f.add("\n患者")
@@ -372,14 +413,18 @@ def outpatient_record(w: RecordWriter) -> None:
     w.disease_text(f, disease, disease["complaint"])
     f.add("”就诊。患者")
     f.item("name", patient)
-    f.add(p.choice(["诉", "自述"]), disease["history"], "。查体及检查：")
+    f.add(p.choice(["诉", "自述"]), disease["history"], "。")
+    if p.chance(0.7):
+        w.after_patient(f, disease)
+    f.add("查体及检查：")
     w.disease_text(f, disease, disease["exam"])
     f.add("。诊断：", disease["diagnosis"], "（")
     w.lookalike(f, "ICD-10", disease["icd"])
     f.add("）。处理：")
     w.disease_text(f, disease, disease["plan"])
-    f.add(f"。{p.rng.randrange(1, 4)}周后复诊，复诊时间：")
-    w.lookalike(f, "visit date", p.date(w.visit + datetime.timedelta(days=14)))
+    weeks = p.rng.randrange(1, 4)
+    f.add(f"。{weeks}周后复诊，复诊时间：")
+    w.lookalike(f, "visit date", p.date(w.visit + datetime.timedelta(weeks=weeks)))
     f.add("。患者联系电话")
     f.item("phone", p.phone())
     if p.chance(0.6):
@@ -411,7 +456,7 @@ def outpatient_record(w: RecordWriter) -> None:
 def consultation_dialogue(w: RecordWriter) -> None:
     p = w.p
     disease = p.choice(DISEASES)
-    patient, age = p.name(), p.choice([p.rng.randrange(20, 90), p.rng.randrange(90, 100)])
+    patient, age = p.name(), w.age(disease, (20, 90), (90, 100))
     honorific = "女士" if disease.get("sex") == "女" else p.choice(["先生", "女士"])
     doctor_surname = p.choice(SURNAMES)
     f = w.field()
@@ -473,6 +518,8 @@ def consultation_note(w: RecordWriter) -> None:
     f.add("。既往服用")
     w.lookalike(f, "herb", p.choice(HERBS))
     f.add("需停用。")
+    if p.chance(0.5):
+        w.after_patient(f, disease)
     if p.chance(0.6):
         f.add("患者在")
         f.item("address", p.address(street_required=True))
@@ -482,7 +529,7 @@ def consultation_note(w: RecordWriter) -> None:
     f.add("已知情同意并签字，联系电话")
     f.item("phone", p.phone())
     f.add("，证件号码：")
-    age = p.rng.randrange(30, 100)
+    age = w.age(disease, (30, 100))
     born = p.birth(age, w.visit)
     f.item("id_card", p.id_number(born, old=p.chance(0.3)))
     f.add("。患者年龄：")

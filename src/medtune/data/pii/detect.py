@@ -226,10 +226,18 @@ RECOGNIZERS: tuple[Callable[[str], Iterator[Span]], ...] = (
     find_emails, *NEED_DIGITS[:5], find_cued_addresses, NEED_DIGITS[5], find_old_ages, _names,
 )
 DIGIT = re.compile(r"\d")
+# Full-width digits, plus, minus, X and the ideographic space (电话：１３８１２３４５６７８), one character for one, so the
+# patterns see ASCII and every span stays valid in the original text.
+FULL_WIDTH = str.maketrans("０１２３４５６７８９＋－Ｘｘ\u3000", "0123456789+-Xx ")
+
+
+def ascii_digits(text: str) -> str:
+    return text.translate(FULL_WIDTH)
 
 
 def find_pii(text: str) -> list[Span]:
     """Non-overlapping spans of personal information in `text`, in order."""
+    text = ascii_digits(text)
     taken: list[Span] = []
     has_digits = DIGIT.search(text) is not None
     for recognizer in RECOGNIZERS:

@@ -152,10 +152,48 @@ def name_after_cue(text: str, start: int) -> int:
     return length if length > surname else 0
 
 
+# Words that clinical text puts right after 患者 and that start with a surname character: drugs, herbs and
+# formulas, anatomy and findings (a fact list). jieba knows few of them, and tags some herbs as person names.
+MEDICAL_WORDS = (
+    "华法林 甘露醇 利福平 米非司酮 米索前列醇 舒张压 收缩压 包块 诸症 余症 戴眼镜 戴口罩 柴胡 柴胡疏肝散 黄芪 黄体酮 "
+    "黄连素 黄连 何首乌 石膏 金刚烷胺 金银花 夏枯草 杜仲 牛黄 田七 陈皮 白芍 白术 甘草 甘草酸 党参 丁香 连翘 桂枝 葛根 "
+    "蒲公英 车前子 房颤 房室 房间隔 甘油三酯 宫颈 宫缩 宫腔 宫内 单侧 单核 孟鲁司特 阿托伐他汀 阿司匹林 阿莫西林 阿卡波糖 "
+    "阿替普酶 阿奇霉素 莫西沙星 雷贝拉唑 雷尼替丁 万古霉素 伏立康唑 曲马多 曲美他嗪 司美格鲁肽 安宫牛黄丸 龙胆泻肝汤 毛细血管 "
+    "白细胞 白蛋白 叶酸 罗红霉素 罗哌卡因 林可霉素 杜冷丁 蒙脱石散 乌司他丁 巴曲酶 谷丙转氨酶 谷草转氨酶 麦氏点 秦艽 苏木 "
+    "管型 贾第虫 胡桃夹 柏油样 易怒"
+).split()
+MEDICAL_WORD = re.compile("|".join(sorted(MEDICAL_WORDS, key=len, reverse=True)))
+# Last characters of drug and preparation names (华法林, 利福平, 甘露醇, 黄体酮, 青霉素 …): after a cue and with no
+# name boundary after them, such a candidate is a drug, not a person (a person with no boundary is rare).
+# A dose or a pressure right after the candidate (患者莫西沙星0.4g, 患者舒张压105 mmHg): a drug or a measurement.
+DOSE = re.compile(r"[ \t]*\d+(?:\.\d+)?[ \t]*(?:mg|g|ml|mL|μg|ug|IU|U|mmHg|mmol|片|粒|支)", re.I)
+DRUG_ENDINGS = set("林平醇酮素唑胺汀酶肽酯碱钠钾钙片丸散汤膏液剂星坦啶嗪芬松")
+
+
+def name_boundary(text: str, end: int) -> bool:
+    """Whether what follows `end` is where a name stops (，、男, 因, 诉, a title, the end of the text)."""
+    return (end >= len(text) or not _is_cjk(text[end]) or text[end] in AFTER_NAME
+            or TITLE.match(text, end) is not None)
+
+
+def plausible_name(text: str, start: int, length: int) -> bool:
+    """A candidate after a cue is kept unless it is a medical word (患者华法林抗凝, 患者舒张压偏高, 患者戴眼镜) or
+    followed by a dose, or, with no name boundary after it, a word jieba knows, a drug-like ending or the start of a longer word."""
+    if MEDICAL_WORD.match(text, start) or DOSE.match(text, start + length):
+        return False
+    if name_boundary(text, start + length):
+        return True
+    candidate = text[start:start + length]
+    jieba = load_name_dictionary()
+    if jieba.dt.FREQ.get(candidate, 0) > 0 or candidate[-1] in DRUG_ENDINGS:
+        return False
+    return len(jieba.lcut(text[start:start + length + 3], HMM=False)[0]) <= length
+
+
 def names_after_cues(text: str) -> Iterator[Span]:
     for cue in BEFORE_CUE.finditer(text):
         length = name_after_cue(text, cue.end())
-        if length:
+        if length and plausible_name(text, cue.end(), length):
             yield Span(cue.end(), cue.end() + length, "name")
 
 

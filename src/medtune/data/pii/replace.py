@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from medtune.data.pii.detect import PLACEHOLDERS, Span, find_pii
+from medtune.data.pii.detect import PLACEHOLDERS, Span, ascii_digits, find_pii
 
 NUMERIC_KINDS = {"phone", "id_card", "bank_card", "record_no", "age"}
 
@@ -14,7 +14,7 @@ def identity(kind: str, value: str) -> str:
     """What makes two mentions the same thing: digits for numbers (138-1234-5678 = 13812345678), a lower-case
     e-mail, the text itself otherwise."""
     if kind in NUMERIC_KINDS:
-        digits = re.sub(r"[^0-9Xx]", "", value).upper()
+        digits = re.sub(r"[^0-9Xx]", "", ascii_digits(value)).upper()
         return digits[2:] if kind == "phone" and len(digits) == 13 and digits.startswith("86") else digits
     if kind == "email":
         return value.lower()
@@ -37,10 +37,14 @@ def repeat_names(text: str, spans: list[Span], names: set[str]) -> list[Span]:
 
 
 def find_in_record(texts: list[str]) -> list[list[Span]]:
-    """The findings in each field of one record; a full name found anywhere is found everywhere in the record."""
+    """The findings in each field of one record; a full name found with a name boundary after it (患者张伟，男 /
+    张伟医生) is found everywhere in the record. One found without (患者张伟头痛) is replaced where it was found
+    only: were it a word after all, spreading it would wreck every other use of that word."""
+    from medtune.data.pii.names import name_boundary
+
     found = [find_pii(text) for text in texts]
     names = {text[s.start:s.end] for text, spans in zip(texts, found) for s in spans
-             if s.kind == "name" and s.end - s.start >= 2}
+             if s.kind == "name" and s.end - s.start >= 2 and name_boundary(text, s.end)}
     if names:
         found = [repeat_names(text, spans, names) for text, spans in zip(texts, found)]
     return found
