@@ -255,6 +255,13 @@ class StageTrainingArguments(TrainingArguments):
         metadata={"help": "Stop after this many evaluations without a lower eval loss (needs an eval set); the "
                           "best checkpoint is loaded at the end."},
     )
+    loss_only_labels: bool = field(
+        default=True,
+        metadata={"help": "Run the LM head only where the loss reads it (labelled tokens for pt/sft, reply tokens "
+                          "for DPO), with chunked log-probs instead of full logits; DPO also computes each pair's "
+                          "prompt once, in one row [prompt|chosen|rejected] (sdpa/eager attention). Same loss as "
+                          "the standard path; false: transformers' and TRL's own forward."},
+    )
 
     def __post_init__(self):
         if self.early_stopping_patience is not None:
