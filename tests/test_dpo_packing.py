@@ -10,7 +10,7 @@ import torch
 from medtune.config import parse_arguments
 from medtune.data.loading import load_records
 from medtune.stages import dpo
-from medtune.stages.pair_packing import pair_attention_mask, packed_pair_row
+from medtune.stages.pair_packing import packed_pair_row, pair_attention_mask
 from medtune.stages.pair_packing import without_packed_rows as stock
 
 from .conftest import REPO
