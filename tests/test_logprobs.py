@@ -30,8 +30,11 @@ def loss_and_gradients(model, batch, **extra):
 
 
 @pytest.mark.parametrize("arch", ["glm4", "qwen2", "llama"])
-@pytest.mark.parametrize("num_items", [None, 40])
-def test_label_only_loss_and_gradients_equal_the_standard_path(tiny_model, arch, num_items):
+@pytest.mark.parametrize(("num_items", "token_chunk"), [(None, 1024), (40, 7)])
+def test_label_only_loss_and_gradients_equal_the_standard_path(tiny_model, monkeypatch, arch, num_items, token_chunk):
+    from medtune.stages import logprobs
+
+    monkeypatch.setattr(logprobs, "TOKEN_CHUNK", token_chunk)  # 7: the labelled tokens span several chunks
     model = AutoModelForCausalLM.from_pretrained(tiny_model(arch), dtype=torch.float32)
     assert has_plain_head(model) and install_label_only_forward(model)
     batch = batch_with_prompts(model.config.vocab_size)

@@ -25,7 +25,9 @@ from medtune.stages.common import MedtuneTrainer
 # standard forward (transformers knows each one's arithmetic, we do not repeat it).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
-# Rows of the [tokens, vocab] tile the kernel works on: bounds the extra memory to chunk x vocab floats.
+# The kernel works on [tokens, vocab columns] tiles; calling it on at most TOKEN_CHUNK tokens at a time bounds that
+# buffer (and the one its backward recomputes) to TOKEN_CHUNK x min(vocab, VOCAB_CHUNK) floats.
+TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 32768
 
 
@@ -52,9 +54,12 @@ def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: 
     from trl.kernels import ChunkedLogProbFunction
 
     head = language_model(model).get_output_embeddings()
-    hidden = hidden.to(head.weight.device)
-    return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets.to(head.weight.device), 1.0,
-                                        VOCAB_CHUNK, None, 1.0, outputs)
+    hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+    vocab_chunk = min(VOCAB_CHUNK, head.weight.shape[0])
+    pieces = [ChunkedLogProbFunction.apply(hidden[start:start + TOKEN_CHUNK], head.weight, head.bias,
+                                           targets[start:start + TOKEN_CHUNK], 1.0, vocab_chunk, None, 1.0, outputs)
+              for start in range(0, max(len(hidden), 1), TOKEN_CHUNK)]
+    return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
 
 
 def backbone_hidden_states(model, **kwargs) -> torch.Tensor:
