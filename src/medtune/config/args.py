@@ -65,7 +65,8 @@ class ModelArguments:
     template: str | None = field(
         default=None,
         metadata={"help": "Chat template name (glm4, chatglm3, qwen, llama3, vicuna, alpaca). Default: the "
-                          "tokenizer's own chat_template. Training, evaluation and inference all render with it."},
+                          "tokenizer's own chat_template. Training, evaluation and inference all render with it.",
+                  "aliases": ["--template_name"]},
     )
 
     def __post_init__(self):
@@ -274,6 +275,13 @@ class StageTrainingArguments(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        # The book's --gradient_checkpointing is transformers 5's deprecated alias of activation_checkpointing: pass
+        # it on under the new name, so that neither `true` nor `false` prints a deprecation warning.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, old) is not None and getattr(self, new) is None:
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         if self.bf16 and not self.use_cpu and not _bf16_accelerator():
             # the shipped GPU configs set bf16; transformers' own error does not say what to change
             raise ConfigError("bf16: true needs a GPU with bfloat16 support and none was found; on this machine "

@@ -1,10 +1,10 @@
 """Log-probabilities computed only where a loss reads them.
 
 A causal LM's head turns every position's hidden state into vocabulary-sized logits; the loss then reads one
-number per *labelled* position. For SFT most positions are unlabelled prompt tokens, and on CPU the LM head of a
-small model costs more than its layers. Here only the hidden states of labelled positions go through the head, in
-chunks, by TRL's fused log-prob kernel (`trl.kernels.ChunkedLogProbFunction`: gather minus an online logsumexp, never
-a full-vocabulary log-softmax; Triton on CUDA, torch ops elsewhere).
+number per *labelled* position. Prompt tokens carry no label, and the LM head of a small model costs as much as its
+layers. Here only the hidden states of labelled positions go through the head, in chunks: on CUDA by TRL's fused
+log-prob kernel (`trl.kernels.ChunkedLogProbFunction`, Triton: gather minus an online logsumexp, never a
+full-vocabulary log-softmax), on CPU by plain chunked cross-entropy.
 
 `install_label_only_forward` gives a model a forward that does this for the causal-LM loss (SFT, PT), and
 `head_log_probs` is the shared piece the DPO pair packing (`medtune.stages.pair_packing`) uses too.
@@ -50,16 +50,43 @@ def has_plain_head(model) -> bool:
 
 def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",)):
     """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of `targets` [N] given `hidden` [N, H] through
-    the model's LM head, only the requested optional fields filled (see TRL's FusedCausalLMOutput)."""
-    from trl.kernels import ChunkedLogProbFunction
+    the model's LM head, only the requested optional fields filled (the fields of TRL's FusedCausalLMOutput).
+
+    With Triton (CUDA, XPU): TRL's fused kernel, which recomputes each logits tile in its backward, so no [N, vocab]
+    tensor outlives a chunk. Elsewhere (CPU): cross-entropy over chunks of TOKEN_CHUNK rows, keeping each chunk's
+    log-softmax for the backward as transformers' own loss does, but for the given rows only; the kernel's torch
+    fallback is several times slower per token on CPU."""
+    from trl.kernels.chunked_logprob import _use_triton
 
     head = language_model(model).get_output_embeddings()
     hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
-    vocab_chunk = min(VOCAB_CHUNK, head.weight.shape[0])
-    pieces = [ChunkedLogProbFunction.apply(hidden[start:start + TOKEN_CHUNK], head.weight, head.bias,
-                                           targets[start:start + TOKEN_CHUNK], 1.0, vocab_chunk, None, 1.0, outputs)
+    fused = _use_triton(hidden.device)
+    pieces = [(_fused_chunk if fused else _plain_chunk)(hidden[start:start + TOKEN_CHUNK], head,
+                                                        targets[start:start + TOKEN_CHUNK], outputs)
               for start in range(0, max(len(hidden), 1), TOKEN_CHUNK)]
     return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
+
+
+def _fused_chunk(hidden, head, targets, outputs):
+    from trl.kernels import ChunkedLogProbFunction
+
+    vocab_chunk = min(VOCAB_CHUNK, head.weight.shape[0])
+    return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, vocab_chunk, None, 1.0, outputs)
+
+
+def _plain_chunk(hidden, head, targets, outputs):
+    logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    if outputs == ("log_probs",):
+        return log_probs, None, None, None, None
+    with torch.no_grad():  # statistics for metrics (and WPO weights, which TRL computes without a gradient)
+        log_z = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - log_z[:, None])
+        entropy = log_z - (probs * logits).sum(-1) if "entropy" in outputs else None
+        log_sum_sq = torch.log((probs * probs).sum(-1)) if "log_sum_sq_probs" in outputs else None
+        mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
+        is_top1 = logits.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
+    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
 
 def backbone_hidden_states(model, **kwargs) -> torch.Tensor:
