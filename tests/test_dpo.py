@@ -364,3 +364,19 @@ def test_no_usable_pair_is_one_line_naming_the_file(glm4_dir, tmp_path, content)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1] == f"medtune: error: {message}"
     assert not out.exists()  # nothing written
+
+
+def test_long_pairs_encode_without_the_tokenizers_length_warning(glm4_dir, monkeypatch):
+    """Records longer than the tokenizer's model_max_length are cut by max_length and counted; transformers' own
+    'Token indices sequence length is longer' warning would only alarm users."""
+    from transformers import tokenization_utils_base
+
+    warnings = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    tokenizer = AutoTokenizer.from_pretrained(glm4_dir)
+    tokenizer.model_max_length = 16
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    pairs, _ = load_records(PAIRS, "preference")
+    rows, stats = encode_pairs(pairs[:3], template, max_length=32)
+    assert stats.truncated == 3 and all(len(r["prompt_ids"]) + len(r["chosen_ids"]) <= 32 for r in rows)
+    assert not [w for w in warnings if "Token indices sequence length" in w]
