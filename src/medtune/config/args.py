@@ -214,16 +214,31 @@ class PreferenceDataArguments(DataArguments):
     data_format: str = field(
         default="auto", metadata={"help": f"Record format: {', '.join(PREFERENCE_FORMATS)} (auto detects it per file)."}
     )
-    max_length: int = field(
-        default=1024,
-        metadata={"help": "Longest prompt+answer in tokens. Longer pairs are truncated, never dropped: the prompt "
-                          "keeps its end (at least half the budget if the answers need it) and both answers are cut "
-                          "at the end to the rest. Truncated pairs are counted."},
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt+answer in tokens (default 1024, or max_source_length + max_target_length "
+                          "when both are given). Longer pairs are truncated, never dropped: the prompt keeps its end "
+                          "(at least half the budget if the answers need it) and both answers are cut at the end to "
+                          "the rest. Truncated pairs are counted."},
+    )
+    max_source_length: int | None = field(
+        default=None, metadata={"help": "MedicalGPT's name: the prompt keeps at most this many tokens (cut as "
+                                        "truncation_mode says), before the max_length rule."},
+    )
+    max_target_length: int | None = field(
+        default=None, metadata={"help": "MedicalGPT's name: each answer keeps at most this many tokens (cut at its "
+                                        "end), before the max_length rule."},
     )
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("data_format", self.data_format, PREFERENCE_FORMATS)
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length is None:
+            split = (self.max_source_length, self.max_target_length)
+            self.max_length = sum(split) if None not in split else 1024
         if self.max_length < 16:
             raise ConfigError(f"max_length must be at least 16, got {self.max_length}")
 
