@@ -173,11 +173,13 @@ def packed_pairs_dpo(trainer_class, enabled: bool = True):
             model, config, tokenizer = kwargs["model"], kwargs["args"], kwargs["processing_class"]
             self.packed_pairs = enabled and data_collator is None and packs_pairs(model)
             if self.packed_pairs:
-                # TRL's collator as TRL would build it (medtune's rows are already fitted to max_length).
-                stock = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length,
+                # TRL's collator as TRL would build it (medtune's rows are already fitted to max_length); TRL pads
+                # with EOS when the tokenizer has no pad token.
+                pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+                stock = DataCollatorForPreference(pad_token_id=pad, max_length=config.max_length,
                                                   truncation_mode=config.truncation_mode,
                                                   pad_to_multiple_of=config.pad_to_multiple_of)
-                data_collator = PackedPairCollator(stock, tokenizer.pad_token_id)
+                data_collator = PackedPairCollator(stock, pad)
             super().__init__(*args, data_collator=data_collator, **kwargs)
 
         def _packed_forward_ready(self) -> None:
