@@ -134,10 +134,11 @@ def packed_log_probs(model, labels: torch.Tensor, packed_input_ids, packed_posit
                                mean_logits=mean_logits, is_top1=is_top1, label_mask=scored)
 
 
-def install_packed_pair_forward(model, outputs: tuple[str, ...]) -> None:
+def install_packed_pair_forward(model, outputs: tuple[str, ...], is_reference=lambda: False) -> None:
     """Wrap the (TRL-patched) forward: a call with the packed keys and `fused_lm_head=True` is answered from the
     packed rows; any other call drops the packed keys and goes to the forward underneath (TRL's own two-row path,
-    e.g. the logits TRL recomputes for `compute_metrics`)."""
+    e.g. the logits TRL recomputes for `compute_metrics`). While `is_reference()` (the reference pass) only the
+    log-probs are computed: TRL reads nothing else from the reference."""
     target = language_model(model)
     if getattr(target, "_medtune_packed_pairs", False):
         return
@@ -148,10 +149,19 @@ def install_packed_pair_forward(model, outputs: tuple[str, ...]) -> None:
         packed = {key: kwargs.pop(key, None) for key in PACKED_KEYS}
         if packed["packed_input_ids"] is None or not kwargs.get("fused_lm_head") or args:
             return underneath(*args, **kwargs)
-        return packed_log_probs(self, kwargs["labels"], **packed, outputs=outputs)
+        wanted = ("log_probs",) if is_reference() else outputs
+        return packed_log_probs(self, kwargs["labels"], **packed, outputs=wanted)
 
     target.forward = types.MethodType(forward, target)
     target._medtune_packed_pairs = True
+
+
+def adapters_disabled_probe(model):
+    """A function telling whether peft's adapters are disabled right now (the LoRA reference pass)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+    return (lambda: False) if layer is None else (lambda: bool(layer.disable_adapters))
 
 
 def packs_pairs(model) -> bool:
@@ -191,7 +201,11 @@ def packed_pairs_dpo(trainer_class, enabled: bool = True):
             if self.packed_pairs:
                 outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
                 outputs += ("log_sum_sq_probs",) if self.use_weighting else ()
-                install_packed_pair_forward(self.model, outputs)
+                adapters_disabled = adapters_disabled_probe(self.model)
+                install_packed_pair_forward(self.model, outputs,
+                                            lambda: self._in_reference_prepass or adapters_disabled())
+                if self.ref_model is not None:  # full fine-tuning: a separate reference model
+                    install_packed_pair_forward(self.accelerator.unwrap_model(self.ref_model), ("log_probs",))
 
         def _routed(self, inputs):
             self._packed_forward_ready()
@@ -200,12 +214,19 @@ def packed_pairs_dpo(trainer_class, enabled: bool = True):
         def _compute_loss(self, model, inputs, return_outputs):
             return super()._compute_loss(model, self._routed(inputs), return_outputs)
 
+        _in_reference_prepass = False
+
         def compute_ref_log_probs(self, model, inputs):
-            return super().compute_ref_log_probs(model, self._routed(inputs))
+            inputs = self._routed(inputs)
+            self._in_reference_prepass = True
+            try:
+                return super().compute_ref_log_probs(model, inputs)
+            finally:
+                self._in_reference_prepass = False
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
-            """TRL's pre-pass (cached on disk by model hash and data fingerprint) over the pairs sorted by length,
-            so each batch pads little, at a batch size of at least 4x the training batch (no graph is kept)."""
+            """TRL's pre-pass (cached on disk by model hash and data fingerprint, no graph kept) over the pairs
+            sorted by length, so each batch pads little."""
             if "length" not in dataset.column_names:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             lengths = dataset["length"]
@@ -213,7 +234,6 @@ def packed_pairs_dpo(trainer_class, enabled: bool = True):
             restore = [0] * len(order)
             for position, index in enumerate(order):
                 restore[index] = position
-            batch_size = max(batch_size, 4 * self.args.per_device_train_batch_size)
             computed = super()._precompute_ref_logps(dataset.select(order), name, batch_size)
             return computed.select(restore)
 
