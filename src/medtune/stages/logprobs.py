@@ -134,7 +134,7 @@ class LabelOnlyLossTrainer(MedtuneTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_only = bool(getattr(self.args, "loss_only_labels", False)) and install_label_only_forward(
+        self.label_only = self.args.loss_only_labels and install_label_only_forward(
             self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
