@@ -7,8 +7,9 @@
     python benchmarks/train_throughput.py --stage dpo [--steps 10] [--batch_size 4] [--pairs 500]
         (LoRA SFT, TRL's stock DPO path, medtune's DPO path: each in its own process; then a summary line)
 
-pt and sft run each mode twice, with the LM head at labelled positions only (`--loss_only_labels true`, the default)
-and with transformers' own loss (`false`, the path before it), and print the ratio. dpo compares medtune's path
+pt and sft run each mode twice, each in its own process, with the LM head at labelled positions only
+(`--loss_only_labels true`, the default) and with transformers' own loss (`false`, the path before it), and print
+the ratio. dpo compares medtune's path
 (packed pair rows, reply-only head) with TRL's stock DPOTrainer forward (`--loss_only_labels false`, reference
 forward in every step, no pre-pass), and its peak RSS with LoRA SFT on the same model, batch and length (the
 prompt + chosen reply of the same pairs). Without --data it generates long pairs from the bundled text, about half
@@ -336,6 +337,14 @@ def compare_dpo(args, out) -> None:
     print(json.dumps(summary), file=out, flush=True)
 
 
+def passed_on(args) -> list[str]:
+    """This run's settings, for a run of one path in its own process (the first run in a process warms caches
+    and the allocator for the second, which would bias the ratio)."""
+    return ["--stage", args.stage, "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--block_size",
+            str(args.block_size), *(["--model", args.model] if args.model else []),
+            *(["--data", args.data] if args.data else [])]
+
+
 def ratio_line(stage: str, baseline: dict, ours: dict, **extra) -> dict:
     return {"stage": stage, "summary": True, **extra,
             "label_only_speedup": round(ours["real_tokens_per_s"] / baseline["real_tokens_per_s"], 3)}
@@ -369,11 +378,13 @@ def main() -> int:
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints metric tables; stdout carries JSON only
         if args.stage == "pt":
             args.steps, args.batch_size = args.steps or 30, args.batch_size or 8
-            lines = [bench_pt(args, flag) for flag in flags]
+            if len(flags) == 1:
+                print(json.dumps(bench_pt(args, flags[0])), file=out)
+                return 0
+            lines = [run_alone(*passed_on(args), "--loss_only_labels", str(flag).lower()) for flag in flags]
             for line in lines:
                 print(json.dumps(line), file=out, flush=True)
-            if len(lines) == 2:
-                print(json.dumps(ratio_line("pt", *lines)), file=out)
+            print(json.dumps(ratio_line("pt", *lines)), file=out)
             return 0
         if args.stage == "dpo":
             args.steps, args.batch_size = args.steps or 10, args.batch_size or 4
@@ -388,11 +399,14 @@ def main() -> int:
             print(json.dumps(bench_sft(args, "padded")), file=out)
             return 0
         for mode in args.sft_modes.split(","):
-            lines = [bench_sft(args, mode, flag) for flag in flags]
+            if len(flags) == 1:
+                print(json.dumps(bench_sft(args, mode, flags[0])), file=out, flush=True)
+                continue
+            lines = [run_alone(*passed_on(args), "--sft_modes", mode, "--loss_only_labels", str(flag).lower())
+                     for flag in flags]
             for line in lines:
                 print(json.dumps(line), file=out, flush=True)
-            if len(lines) == 2:
-                print(json.dumps(ratio_line("sft", *lines, mode=mode)), file=out, flush=True)
+            print(json.dumps(ratio_line("sft", *lines, mode=mode)), file=out, flush=True)
     return 0
 
 
