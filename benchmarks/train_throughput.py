@@ -1,14 +1,23 @@
-"""Training throughput on the embedded tiny model, one JSON line per run.
+"""Training throughput, one JSON line per run, on the embedded tiny model and bundled data or on --model/--data.
 
     python benchmarks/train_throughput.py --stage pt  [--steps 30] [--block_size 128] [--batch_size 8]
     python benchmarks/train_throughput.py --stage sft [--steps 20] [--batch_size 4]
         (medtune packing; the same packed rows with an explicit 4-D block-diagonal mask, the non-leaking packing
          baseline users know; no packing, length-grouped)
-    python benchmarks/train_throughput.py --stage dpo [--steps 10] [--batch_size 4]   (vs LoRA sft, each alone)
+    python benchmarks/train_throughput.py --stage dpo [--steps 10] [--batch_size 4] [--pairs 500]
+        (LoRA SFT, TRL's stock DPO path, medtune's DPO path: each in its own process; then a summary line)
+
+pt and sft run each mode twice, each in its own process, with the LM head at labelled positions only
+(`--loss_only_labels true`, the default) and with transformers' own loss (`false`, the path before it), and print
+the ratio. dpo compares medtune's path
+(packed pair rows, reply-only head) with TRL's stock DPOTrainer forward (`--loss_only_labels false`, reference
+forward in every step, no pre-pass), and its peak RSS with LoRA SFT on the same model, batch and length (the
+prompt + chosen reply of the same pairs). Without --data it generates long pairs from the bundled text, about half
+of them reaching max_length. `--precompute true` adds the reference pre-pass of both paths, timed.
 
 Prints tokens/s (every computed position), real tokens/s (excluding padding), samples/s, peak RSS in MB, wall
-seconds and the real-token fraction of what was computed, for a fixed tiny configuration on the bundled data.
-Peak RSS is the process's high-water mark, so for sft run each mode alone (--sft_modes) to compare memory.
+seconds and the real-token fraction of what was computed. Peak RSS is the process's high-water mark, so every run
+that reports memory runs in its own process.
 """
 
 from __future__ import annotations
@@ -32,7 +41,13 @@ def real_token_fraction(dataset, samples: int) -> float:
     return sum(map(sum, masks)) / sum(map(len, masks))
 
 
-def bench_pt(args) -> dict:
+def model_and_data(args, data_option: str = "--train_file_dir") -> list[str]:
+    """The --model / --data arguments, as the stage's options."""
+    return ((["--model_name_or_path", args.model] if args.model else [])
+            + ([data_option, args.data] if args.data else []))
+
+
+def bench_pt(args, label_only: bool) -> dict:
     from medtune.config import parse_arguments
     from medtune.data.pretrain import prepare_block_datasets
     from medtune.models.loader import load_tokenizer, resolve_model_path
@@ -42,10 +57,11 @@ def bench_pt(args) -> dict:
         argv = ["--config", str(REPO / "configs" / "pt_tiny.yaml"), "--output_dir", scratch, "--report_to", "none",
                 "--max_steps", str(args.steps), "--block_size", str(args.block_size), "--per_device_train_batch_size",
                 str(args.batch_size), "--validation_split_percentage", "0", "--save_strategy", "no",
-                "--logging_steps", str(args.steps)]
+                "--logging_steps", str(args.steps), "--loss_only_labels", str(label_only).lower(),
+                *model_and_data(args)]
         configs = parse_arguments(pt.ARGUMENT_TYPES, argv)
         # Tokenize outside the timed region (cached afterwards), as a real re-run would.
-        tokenizer = load_tokenizer(resolve_model_path(None))
+        tokenizer = load_tokenizer(resolve_model_path(args.model))
         train, _, _ = prepare_block_datasets(configs[2], tokenizer)
         started = time.perf_counter()
         pt.run_pt(*configs)
@@ -57,6 +73,7 @@ def bench_pt(args) -> dict:
     fraction = real_token_fraction(train, samples)
     return {
         "stage": "pt",
+        "loss_only_labels": label_only,
         "steps": args.steps,
         "block_size": args.block_size,
         "batch_size": args.batch_size,
@@ -105,8 +122,9 @@ class BlockDiagonalMaskCollator:
         return batch
 
 
-def bench_sft(args, mode: str) -> dict:
-    """mode: packed (medtune), padded (length-grouped), packed_4d_mask (the baseline above)."""
+def bench_sft(args, mode: str, label_only: bool = True) -> dict:
+    """mode: packed (medtune), padded (length-grouped), packed_4d_mask (the baseline above). With
+    `args.sft_companion` (dpo's memory reference): no tiny config, the default LoRA, rows up to max_length."""
     import medtune.stages.sft as sft_stage
     from medtune.config import parse_arguments
     from medtune.data import collators
@@ -121,10 +139,13 @@ def bench_sft(args, mode: str) -> dict:
         return build
 
     with tempfile.TemporaryDirectory() as scratch:
-        argv = ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--output_dir", scratch, "--report_to", "none",
+        recipe = (["--model_max_length", str(args.max_length)] if args.sft_companion
+                  else ["--config", str(REPO / "configs" / "sft_tiny.yaml")])
+        argv = [*recipe, "--output_dir", scratch, "--report_to", "none", "--data_cache_dir", scratch,
                 "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
                 "--validation_split_percentage", "0", "--save_strategy", "no", "--logging_steps", str(args.steps),
-                "--packing", str(packing).lower()]
+                "--packing", str(packing).lower(), "--loss_only_labels", str(label_only).lower(),
+                *model_and_data(args)]
         configs = parse_arguments(sft_stage.ARGUMENT_TYPES, argv)
         originals = collators.PackedCollator, collators.PaddingCollator
         packed = originals[0]
@@ -144,6 +165,7 @@ def bench_sft(args, mode: str) -> dict:
     return {
         "stage": "sft",
         "mode": mode,
+        "loss_only_labels": label_only,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "tokens_per_s": round(counter.computed / runtime, 1),
@@ -156,63 +178,123 @@ def bench_sft(args, mode: str) -> dict:
     }
 
 
-def bench_dpo(args, precompute: bool) -> dict:
-    """LoRA DPO on the bundled pairs; computed and real tokens counted in TRL's own collator."""
-    import torch
+def bench_dpo(args, precompute: bool, label_only: bool) -> dict:
+    """LoRA DPO; real tokens (prompt + chosen + rejected of each pair, the same count for both paths) and computed
+    positions counted in the collators, the reference pre-pass timed on its own."""
     from trl.trainer import dpo_trainer
 
     import medtune.stages.dpo as dpo_stage
     from medtune.config import parse_arguments
+    from medtune.stages import pair_packing
 
-    counts = {"computed": 0, "real": 0, "paused": False}
+    counts = {"computed": 0, "real": 0, "paused": False, "prepass_s": 0.0}
     original = dpo_trainer.DataCollatorForPreference.torch_call
+    original_packed = pair_packing.PackedPairCollator.__call__
     original_precompute = dpo_trainer.DPOTrainer._precompute_ref_logps
 
     def counting(self, examples):
         batch = original(self, examples)
         if not counts["paused"]:
             counts["computed"] += batch["input_ids"].numel()
-            counts["real"] += int(torch.as_tensor(batch["attention_mask"]).sum())
+            counts["real"] += sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                                  for e in examples)
         return batch
 
-    def precompute_uncounted(self, *a, **k):
-        # the one-off reference pass before training is not part of the timed training steps
+    def counting_packed(self, examples):
+        batch = original_packed(self, examples)
+        if not counts["paused"]:  # the packed rows are what is computed, not the two-row batch counted above
+            counts["computed"] += batch["packed_input_ids"].numel() - batch["input_ids"].numel()
+        return batch
+
+    def timed_precompute(self, *a, **k):
+        # the one-off reference pass before training is timed apart from the training steps
         counts["paused"] = True
+        started = time.perf_counter()
         try:
             return original_precompute(self, *a, **k)
         finally:
             counts["paused"] = False
+            counts["prepass_s"] += time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as scratch:
         argv = ["--output_dir", scratch, "--report_to", "none", "--max_steps", str(args.steps),
                 "--per_device_train_batch_size", str(args.batch_size), "--max_length", str(args.max_length),
                 "--validation_split_percentage", "0", "--save_strategy", "no", "--logging_steps", str(args.steps),
-                "--precompute_ref_log_probs", str(precompute).lower(), "--data_cache_dir", scratch]
+                "--precompute_ref_log_probs", str(precompute).lower(), "--data_cache_dir", scratch,
+                "--loss_only_labels", str(label_only).lower(), *model_and_data(args)]
         configs = parse_arguments(dpo_stage.ARGUMENT_TYPES, argv)
         dpo_trainer.DataCollatorForPreference.torch_call = counting
-        dpo_trainer.DPOTrainer._precompute_ref_logps = precompute_uncounted
+        pair_packing.PackedPairCollator.__call__ = counting_packed
+        dpo_trainer.DPOTrainer._precompute_ref_logps = timed_precompute
         try:
             started = time.perf_counter()
             dpo_stage.run_dpo(*configs)
             wall = time.perf_counter() - started
         finally:
             dpo_trainer.DataCollatorForPreference.torch_call = original
+            pair_packing.PackedPairCollator.__call__ = original_packed
             dpo_trainer.DPOTrainer._precompute_ref_logps = original_precompute
         state = json.loads((Path(scratch) / "trainer_state.json").read_text())
     runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
     return {
         "stage": "dpo",
+        "path": "medtune" if label_only else "trl_stock",
         "precompute_ref_log_probs": precompute,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "tokens_per_s": round(counts["computed"] / runtime, 1),
         "real_tokens_per_s": round(counts["real"] / runtime, 1),
+        "real_tokens_per_s_with_prepass": round(counts["real"] / (runtime + counts["prepass_s"]), 1),
         "real_token_fraction": round(counts["real"] / counts["computed"], 4),
+        "prepass_s": round(counts["prepass_s"], 2),
         "train_runtime_s": round(runtime, 2),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+
+
+def corpus_passages() -> list[str]:
+    """Paragraph-sized passages of the bundled pretraining text."""
+    passages = []
+    for path in sorted((REPO / "data" / "pretrain").glob("*.txt")):
+        passages += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 80]
+    return passages
+
+
+def long_preference_pairs(folder: Path, pairs: int, seed: int = 0) -> Path:
+    """`pairs` preference pairs cut from the bundled text, long enough that about half reach 512 tokens of the
+    tiny tokenizer (a question over a passage of 60-450 characters, replies of 300-800 characters)."""
+    import random
+
+    rng = random.Random(seed)
+    text = "".join(corpus_passages())
+
+    def cut(low: int, high: int) -> str:
+        size = rng.randint(low, high)
+        start = rng.randrange(0, len(text) - size)
+        return text[start:start + size]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "long_pairs.jsonl", "w", encoding="utf-8") as handle:
+        for _ in range(pairs):
+            record = {"system": "", "history": [], "question": f"请根据资料回答：{cut(60, 450)}",
+                      "response_chosen": cut(300, 800), "response_rejected": cut(300, 800)}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return folder
+
+
+def conversations_from_pairs(pairs_dir: str, folder: Path) -> Path:
+    """SFT conversations of the same pairs (prompt + chosen reply): SFT at the same length, for the memory ratio."""
+    from medtune.data.loading import load_records
+
+    pairs, _ = load_records(pairs_dir, "preference")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "conversations.jsonl", "w", encoding="utf-8") as handle:
+        for pair in pairs:
+            messages = [*pair.prompt, {"role": "assistant", "content": pair.chosen}]
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    return folder
 
 
 def run_alone(*flags: str) -> dict:
@@ -223,45 +305,108 @@ def run_alone(*flags: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def compare_dpo(args, out) -> None:
+    """SFT, TRL's stock DPO and medtune's DPO, each in its own process, then the ratios."""
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.data or str(long_preference_pairs(Path(scratch) / "pairs", args.pairs))
+        shared = ["--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length",
+                  str(args.max_length), *(["--model", args.model] if args.model else [])]
+        sft_data = conversations_from_pairs(data, Path(scratch) / "sft")
+        sft = run_alone("--stage", "sft", "--worker", "--sft_modes", "padded", "--data", str(sft_data), *shared)
+        print(json.dumps(sft), file=out, flush=True)
+        lines = {}
+        modes = [("false", "false"), ("false", "true")]
+        if args.precompute == "true":
+            modes += [("true", "false"), ("true", "true")]
+        for precompute, label_only in modes:
+            line = run_alone("--stage", "dpo", "--worker", "--precompute", precompute, "--loss_only_labels",
+                             label_only, "--data", data, *shared)
+            line["rss_ratio_vs_lora_sft"] = round(line["peak_rss_mb"] / sft["peak_rss_mb"], 3)
+            lines[precompute, label_only] = line
+            print(json.dumps(line), file=out, flush=True)
+    stock, ours = lines["false", "false"], lines["false", "true"]
+    summary = {"stage": "dpo", "summary": True, "data": args.data or f"generated long pairs ({args.pairs})",
+               "dpo_speedup_vs_trl_stock": round(ours["real_tokens_per_s"] / stock["real_tokens_per_s"], 3),
+               "dpo_rss_vs_sft": ours["rss_ratio_vs_lora_sft"],
+               "trl_stock_rss_vs_sft": stock["rss_ratio_vs_lora_sft"]}
+    if args.precompute == "true":
+        stock_pre, ours_pre = lines["true", "false"], lines["true", "true"]
+        summary["prepass_vs_trl_prepass"] = round(ours_pre["prepass_s"] / stock_pre["prepass_s"], 3)
+        summary["precompute_speedup_vs_trl_stock_with_prepass"] = round(
+            ours_pre["real_tokens_per_s_with_prepass"] / stock["real_tokens_per_s"], 3)
+    print(json.dumps(summary), file=out, flush=True)
+
+
+def passed_on(args) -> list[str]:
+    """This run's settings, for a run of one path in its own process (the first run in a process warms caches
+    and the allocator for the second, which would bias the ratio)."""
+    return ["--stage", args.stage, "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--block_size",
+            str(args.block_size), *(["--model", args.model] if args.model else []),
+            *(["--data", args.data] if args.data else [])]
+
+
+def ratio_line(stage: str, baseline: dict, ours: dict, **extra) -> dict:
+    return {"stage": stage, "summary": True, **extra,
+            "label_only_speedup": round(ours["real_tokens_per_s"] / baseline["real_tokens_per_s"], 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["pt", "sft", "dpo"], default="pt")
+    parser.add_argument("--model", default=None, help="A local model folder (default: the embedded tiny GLM-4).")
+    parser.add_argument("--data", default=None, help="A data folder for the stage (pt: text, sft: conversations, "
+                                                     "dpo: pairs). Default: bundled data; dpo: generated long pairs.")
+    parser.add_argument("--pairs", type=int, default=500, help="dpo without --data: pairs generated.")
     parser.add_argument("--max_length", type=int, default=512, help="dpo: longest prompt+answer (sft uses the same).")
-    parser.add_argument("--precompute", choices=["both", "true", "false"], default="both", help="dpo only.")
+    parser.add_argument("--precompute", choices=["true", "false"], default="false",
+                        help="dpo: also run both paths with the reference pre-pass (over every pair), timed.")
+    parser.add_argument("--loss_only_labels", choices=["both", "true", "false"], default="both",
+                        help="pt/sft: the LM head at labelled positions only, transformers' own loss, or both.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps (default: pt 30, sft 20).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps (default: pt 30, sft 20, dpo 10).")
     parser.add_argument("--block_size", type=int, default=128, help="pt only.")
-    parser.add_argument("--batch_size", type=int, default=None, help="Per-device batch (default: pt 8, sft 4).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Per-device batch (default: pt 8, sft/dpo 4).")
     parser.add_argument("--sft_modes", default="packed,packed_4d_mask,padded",
                         help="sft only: comma-separated packed, packed_4d_mask (baseline), padded.")
     args = parser.parse_args()
+    args.sft_companion = args.stage == "sft" and args.worker
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     out = sys.stdout
+    flags = {"both": (False, True), "true": (True,), "false": (False,)}[args.loss_only_labels]
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints metric tables; stdout carries JSON only
         if args.stage == "pt":
             args.steps, args.batch_size = args.steps or 30, args.batch_size or 8
-            print(json.dumps(bench_pt(args)), file=out)
+            if len(flags) == 1:
+                print(json.dumps(bench_pt(args, flags[0])), file=out)
+                return 0
+            lines = [run_alone(*passed_on(args), "--loss_only_labels", str(flag).lower()) for flag in flags]
+            for line in lines:
+                print(json.dumps(line), file=out, flush=True)
+            print(json.dumps(ratio_line("pt", *lines)), file=out)
             return 0
         if args.stage == "dpo":
             args.steps, args.batch_size = args.steps or 10, args.batch_size or 4
             if args.worker:
-                print(json.dumps(bench_dpo(args, args.precompute == "true")), file=out)
+                print(json.dumps(bench_dpo(args, args.precompute == "true", args.loss_only_labels == "true")),
+                      file=out)
                 return 0
-            common = ["--steps", str(args.steps), "--batch_size", str(args.batch_size)]
-            sft_line = run_alone("--stage", "sft", "--sft_modes", "padded", *common)
-            print(json.dumps(sft_line), file=out, flush=True)
-            modes = {"both": ("false", "true"), "true": ("true",), "false": ("false",)}[args.precompute]
-            for precompute in modes:
-                line = run_alone("--stage", "dpo", "--worker", "--precompute", precompute,
-                                 "--max_length", str(args.max_length), *common)
-                line["rss_ratio_vs_lora_sft"] = round(line["peak_rss_mb"] / sft_line["peak_rss_mb"], 3)
-                print(json.dumps(line), file=out, flush=True)
+            compare_dpo(args, out)
             return 0
         args.steps, args.batch_size = args.steps or 20, args.batch_size or 4
+        if args.worker:  # dpo's memory reference
+            print(json.dumps(bench_sft(args, "padded")), file=out)
+            return 0
         for mode in args.sft_modes.split(","):
-            print(json.dumps(bench_sft(args, mode)), file=out, flush=True)
+            if len(flags) == 1:
+                print(json.dumps(bench_sft(args, mode, flags[0])), file=out, flush=True)
+                continue
+            lines = [run_alone(*passed_on(args), "--sft_modes", mode, "--loss_only_labels", str(flag).lower())
+                     for flag in flags]
+            for line in lines:
+                print(json.dumps(line), file=out, flush=True)
+            print(json.dumps(ratio_line("sft", *lines, mode=mode)), file=out, flush=True)
     return 0
 
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -14,11 +16,23 @@ def run_script(*args: str) -> list[dict]:
 
 
 def test_train_throughput_prints_json_lines():
-    (pt,) = run_script("benchmarks/train_throughput.py", "--stage", "pt", "--steps", "2")
+    (pt,) = run_script("benchmarks/train_throughput.py", "--stage", "pt", "--steps", "2", "--loss_only_labels", "true")
     assert pt["tokens_per_s"] > 0 and pt["real_token_fraction"] > 0.9
     rows = run_script("benchmarks/train_throughput.py", "--stage", "sft", "--steps", "2", "--sft_modes",
                       "packed,packed_4d_mask")
-    assert [r["mode"] for r in rows] == ["packed", "packed_4d_mask"]
+    assert [(r["mode"], r.get("loss_only_labels")) for r in rows] == [
+        ("packed", False), ("packed", True), ("packed", None), ("packed_4d_mask", False), ("packed_4d_mask", True),
+        ("packed_4d_mask", None)]
+    assert rows[2]["label_only_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_dpo_throughput_compares_trls_path_and_sft_in_one_run():
+    rows = run_script("benchmarks/train_throughput.py", "--stage", "dpo", "--steps", "1", "--pairs", "8",
+                      "--max_length", "256")
+    assert [(r["stage"], r.get("path")) for r in rows] == [("sft", None), ("dpo", "trl_stock"), ("dpo", "medtune"),
+                                                          ("dpo", None)]
+    assert rows[-1]["dpo_speedup_vs_trl_stock"] > 0 and rows[-1]["dpo_rss_vs_sft"] > 0
 
 
 def test_eval_throughput_prints_json_lines():

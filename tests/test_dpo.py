@@ -364,3 +364,35 @@ def test_no_usable_pair_is_one_line_naming_the_file(glm4_dir, tmp_path, content)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1] == f"medtune: error: {message}"
     assert not out.exists()  # nothing written
+
+
+def test_long_pairs_encode_without_the_tokenizers_length_warning(glm4_dir, monkeypatch):
+    """Records longer than the tokenizer's model_max_length are cut by max_length and counted; transformers' own
+    'Token indices sequence length is longer' warning would only alarm users."""
+    from transformers import tokenization_utils_base
+
+    warnings = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    tokenizer = AutoTokenizer.from_pretrained(glm4_dir)
+    tokenizer.model_max_length = 16
+    template = load_chat_template(str(glm4_dir), tokenizer)
+    pairs, _ = load_records(PAIRS, "preference")
+    rows, stats = encode_pairs(pairs[:3], template, max_length=32)
+    assert stats.truncated == 3 and all(len(r["prompt_ids"]) + len(r["chosen_ids"]) <= 32 for r in rows)
+    assert not [w for w in warnings if "Token indices sequence length" in w]
+
+
+def test_medicalgpt_length_and_template_names_map_onto_medtunes(glm4_dir, tmp_path):
+    """--max_source_length / --max_target_length cap the prompt and each answer, and default max_length to their sum;
+    --template_name is --template."""
+    model_args, _, data_args, _ = dpo_args(glm4_dir, tmp_path, "--max_source_length", "40", "--max_target_length",
+                                           "30", "--template_name", "glm4")
+    assert model_args.template == "glm4"
+    _, _, explicit, _ = parse_arguments(dpo.ARGUMENT_TYPES, ["--max_source_length", "40", "--max_target_length", "30"])
+    assert (explicit.max_length, data_args.max_length) == (70, 256)  # an explicit --max_length still wins
+    prompt, chosen, rejected = [7, 8, *range(100)], list(range(100, 160)), list(range(200, 220))
+    p, c, r, truncated = fit_to_length(prompt, chosen, rejected, 256, head=[7, 8], max_prompt=40, max_answer=30)
+    assert truncated and p == [7, 8, *range(62, 100)] and c == chosen[:30] and r == rejected
+    p, _, _, _ = fit_to_length(prompt, chosen, rejected, 256, head=[7, 8], keep="keep_start", max_prompt=40)
+    assert p == prompt[:40]
+    assert fit_to_length([1, 2], [3], [4], 10, max_prompt=5, max_answer=5) == ([1, 2], [3], [4], False)

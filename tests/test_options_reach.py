@@ -29,8 +29,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medtune"
 COMMON = ["stages/common.py", "models/loader.py"]
 # command -> (the dataclasses it parses, the modules that act on them)
 COMMANDS = {
-    "pt": (pt.ARGUMENT_TYPES, ["stages/pt.py", "data/pretrain.py", "data/blocks.py", *COMMON]),
-    "sft": (sft.ARGUMENT_TYPES, ["stages/sft.py", "data/sft.py", *COMMON]),
+    "pt": (pt.ARGUMENT_TYPES, ["stages/pt.py", "data/pretrain.py", "data/blocks.py", "stages/logprobs.py", *COMMON]),
+    "sft": (sft.ARGUMENT_TYPES, ["stages/sft.py", "data/sft.py", "stages/logprobs.py", *COMMON]),
     "dpo": (dpo.ARGUMENT_TYPES, ["stages/dpo.py", "data/preference.py", *COMMON]),
     "eval": ((ModelArguments, EvalArguments), ["eval/*.py", "models/loader.py"]),
     "merge": ((ModelArguments, MergeArguments), ["stages/merge.py", "models/loader.py"]),

@@ -145,3 +145,19 @@ def test_runs_under_torchrun_with_two_processes(pt_run, tmp_path):
     # each process reads every other batch of 8 blocks: an epoch is half as many steps as in one process
     blocks = json.loads((out / "data_stats.json").read_text())["train"]["blocks"]
     assert state["epoch"] == pytest.approx(4 / math.ceil(math.ceil(blocks / 8) / 2))
+
+
+@pytest.mark.slow
+def test_label_only_head_gives_the_standard_pt_loss(pt_run, tmp_path):
+    """pt with the LM head at labelled positions only (the default) logs the losses of transformers' own loss."""
+    model, _, _ = pt_run
+
+    def losses(flag: str) -> list[float]:  # loss and grad norm of each step
+        out = tmp_path / flag
+        result = run_medtune("pt", *TINY, "--model_name_or_path", str(model), "--output_dir", str(out),
+                             "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy",
+                             "no", "--report_to", "none", "--loss_only_labels", flag)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [value for e in log_history(out) if "loss" in e for value in (e["loss"], e["grad_norm"])]
+
+    assert losses("true") == pytest.approx(losses("false"), abs=1e-5)

@@ -213,3 +213,29 @@ def test_template_whose_special_tokens_the_tokenizer_lacks_stops_sft_before_writ
     assert result.returncode == 2, result.stderr[-3000:]
     assert "lacks the template's special tokens <|im_start|>, <|im_end|>" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_label_only_head_trains_with_the_standard_loss(tiny_model, tmp_path, monkeypatch):
+    """--loss_only_labels (the default) runs the LM head only at supervised tokens: the same logged losses and
+    gradient norms as transformers' own loss, step for step."""
+    from medtune.stages import logprobs
+
+    calls = []
+    original = logprobs.loss_at_labelled_positions
+    monkeypatch.setattr(logprobs, "loss_at_labelled_positions", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def history(flag: str) -> list[tuple[float, float]]:
+        out = tmp_path / flag
+        sft.run_sft(*parse_arguments(sft.ARGUMENT_TYPES, [
+            *TINY, "--model_name_or_path", str(tiny_model("qwen2")), "--output_dir", str(out), "--max_steps", "3",
+            "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "1",
+            "--learning_rate", "1e-3", "--loss_only_labels", flag]))
+        log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [value for e in log if "loss" in e for value in (e["loss"], e["grad_norm"])]
+
+    standard = history("false")
+    assert calls == []
+    label_only = history("true")
+    assert len(calls) == 3
+    assert label_only == pytest.approx(standard, abs=1e-5)

@@ -66,7 +66,8 @@ class ModelArguments:
     template: str | None = field(
         default=None,
         metadata={"help": "Chat template name (glm4, chatglm3, qwen, llama3, vicuna, alpaca). Default: the "
-                          "tokenizer's own chat_template. Training, evaluation and inference all render with it."},
+                          "tokenizer's own chat_template. Training, evaluation and inference all render with it.",
+                  "aliases": ["--template_name"]},
     )
 
     def __post_init__(self):
@@ -258,16 +259,31 @@ class PreferenceDataArguments(DataArguments):
     data_format: str = field(
         default="auto", metadata={"help": f"Record format: {', '.join(PREFERENCE_FORMATS)} (auto detects it per file)."}
     )
-    max_length: int = field(
-        default=1024,
-        metadata={"help": "Longest prompt+answer in tokens. Longer pairs are truncated, never dropped: the prompt "
-                          "keeps its end (at least half the budget if the answers need it) and both answers are cut "
-                          "at the end to the rest. Truncated pairs are counted."},
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt+answer in tokens (default 1024, or max_source_length + max_target_length "
+                          "when both are given). Longer pairs are truncated, never dropped: the prompt keeps its end "
+                          "(at least half the budget if the answers need it) and both answers are cut at the end to "
+                          "the rest. Truncated pairs are counted."},
+    )
+    max_source_length: int | None = field(
+        default=None, metadata={"help": "MedicalGPT's name: the prompt keeps at most this many tokens (cut as "
+                                        "truncation_mode says), before the max_length rule."},
+    )
+    max_target_length: int | None = field(
+        default=None, metadata={"help": "MedicalGPT's name: each answer keeps at most this many tokens (cut at its "
+                                        "end), before the max_length rule."},
     )
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("data_format", self.data_format, PREFERENCE_FORMATS)
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length is None:
+            split = (self.max_source_length, self.max_target_length)
+            self.max_length = sum(split) if None not in split else 1024
         if self.max_length < 16:
             raise ConfigError(f"max_length must be at least 16, got {self.max_length}")
 
@@ -306,6 +322,13 @@ class StageTrainingArguments(TrainingArguments):
                           "LoRA and full-fine-tuning parameter is used, and the search costs a graph traversal per "
                           "step; turn on only for a model with conditional branches (e.g. mixture-of-experts)."},
     )
+    loss_only_labels: bool = field(
+        default=True,
+        metadata={"help": "Run the LM head only where the loss reads it (labelled tokens for pt/sft, reply tokens "
+                          "for DPO), with chunked log-probs instead of full logits; DPO also computes each pair's "
+                          "prompt once, in one row [prompt|chosen|rejected] (sdpa/eager attention). Same loss as "
+                          "the standard path; false: transformers' and TRL's own forward."},
+    )
 
     def __post_init__(self):
         if self.early_stopping_patience is not None:
@@ -318,6 +341,13 @@ class StageTrainingArguments(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        # The book's --gradient_checkpointing is transformers 5's deprecated alias of activation_checkpointing: pass
+        # it on under the new name, so that neither `true` nor `false` prints a deprecation warning.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, old) is not None and getattr(self, new) is None:
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         if self.bf16 and not self.use_cpu and not _bf16_accelerator():
             # the shipped GPU configs set bf16; transformers' own error does not say what to change
             raise ConfigError("bf16: true needs a GPU with bfloat16 support and none was found; on this machine "

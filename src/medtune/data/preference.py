@@ -74,29 +74,42 @@ def load_pairs(data_args) -> tuple[list[PreferencePair], list[PreferencePair], i
     return kept, evaluation, dropped
 
 
+def _cut_prompt(prompt: list[int], budget: int, head: list[int], keep: str) -> list[int]:
+    """`budget` tokens of the prompt: its beginning (`keep_start`) or its `head` plus its end (`keep_end`)."""
+    if keep == "keep_start":
+        return prompt[:budget]
+    return head + prompt[len(head):][len(prompt) - budget:]
+
+
 def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-                  head: list[int] | None = None, keep: str = "keep_end") -> tuple[list[int], list[int], list[int], bool]:
+                  head: list[int] | None = None, keep: str = "keep_end", max_prompt: int | None = None,
+                  max_answer: int | None = None) -> tuple[list[int], list[int], list[int], bool]:
     """Make prompt + each answer fit `max_length` tokens.
 
-    The prompt keeps its end (`keep_end`: the question being answered) or its beginning (`keep_start`), and always
-    its `head`, the template's leading tokens such as [gMASK]<sop> that every prompt starts with; it keeps at least
-    half the budget when the answers would need more. Both answers are then cut at the end to what remains.
+    `max_prompt` / `max_answer` (MedicalGPT's max_source_length / max_target_length) first cap the prompt and each
+    answer on their own. Then, if still too long, the prompt keeps its end (`keep_end`: the question being answered)
+    or its beginning (`keep_start`), and always its `head`, the template's leading tokens such as [gMASK]<sop> that
+    every prompt starts with; it keeps at least half the budget when the answers would need more. Both answers are
+    then cut at the end to what remains.
     """
+    head = head if head and prompt[: len(head)] == head else []
+    truncated = False
+    if max_prompt is not None and len(prompt) > max_prompt:
+        prompt, truncated = _cut_prompt(prompt, max(max_prompt, len(head)), head, keep), True
+    if max_answer is not None and max(len(chosen), len(rejected)) > max_answer:
+        chosen, rejected, truncated = chosen[:max_answer], rejected[:max_answer], True
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
-        return prompt, chosen, rejected, False
+        return prompt, chosen, rejected, truncated
     prompt_budget = min(len(prompt), max(max_length - longest, max_length // 2))
-    head = head if head and prompt[: len(head)] == head else []
-    if keep == "keep_start":
-        prompt = prompt[:prompt_budget]
-    else:
-        prompt = head + prompt[len(head):][len(prompt) - prompt_budget:]
+    prompt = _cut_prompt(prompt, prompt_budget, head, keep)
     budget = max_length - len(prompt)
     return prompt, chosen[:budget], rejected[:budget], True
 
 
 def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length: int,
-                 truncation_mode: str = "keep_end") -> tuple[list[dict], PairStats]:
+                 truncation_mode: str = "keep_end", max_prompt: int | None = None,
+                 max_answer: int | None = None) -> tuple[list[dict], PairStats]:
     """Rows of prompt_ids / chosen_ids / rejected_ids (the columns TRL's DPO collator reads)."""
     stats = PairStats()
     rows = []
@@ -106,7 +119,7 @@ def encode_pairs(pairs: list[PreferencePair], template: ChatTemplate, max_length
         prompt_again, rejected = template.encode_reply(pair.prompt, pair.rejected)
         assert prompt == prompt_again  # the prompt renders the same whatever the answer
         prompt, chosen, rejected, truncated = fit_to_length(prompt, chosen, rejected, max_length, head,
-                                                            truncation_mode)
+                                                            truncation_mode, max_prompt, max_answer)
         stats.pairs += 1
         stats.truncated += truncated
         stats.prompt_tokens += len(prompt)
@@ -150,10 +163,12 @@ def build_preference_split(pairs: list[PreferencePair], template: ChatTemplate, 
     key = fingerprint(f"v{CACHE_VERSION}", shape, str(training_args.seed if shape == UNPAIRED else ""),
                       json.dumps([(p.prompt, p.chosen, p.rejected) for p in pairs], ensure_ascii=False),
                       tokenizer_fingerprint(template.tokenizer), template.jinja, "|".join(template.stop_strings),
-                      str(data_args.max_length), training_args.truncation_mode)
+                      str(data_args.max_length), training_args.truncation_mode,
+                      f"{data_args.max_source_length}/{data_args.max_target_length}")
 
     def build(scratch: Path) -> None:
-        rows, stats = encode_pairs(pairs, template, data_args.max_length, training_args.truncation_mode)
+        rows, stats = encode_pairs(pairs, template, data_args.max_length, training_args.truncation_mode,
+                                   data_args.max_source_length, data_args.max_target_length)
         rows = unpaired_rows(rows, training_args.seed) if shape == UNPAIRED else paired_rows(rows)
         datasets.Dataset.from_list(rows).save_to_disk(str(scratch / "data"))
         (scratch / "stats.json").write_text(json.dumps(stats.to_dict()))

@@ -44,7 +44,9 @@ def method_trainer(training_args: DPOTrainingArguments, max_length: int):
         args = trl_arguments(DPOConfig, training_args, loss_type=losses, loss_weights=weights,
                              label_smoothing=training_args.label_smoothing, train_sampling_strategy="group_by_length",
                              precompute_ref_log_probs=training_args.precompute_ref_log_probs, **common)
-        return ids_fed_dpo(DPOTrainer), args
+        from medtune.stages.pair_packing import packed_pairs_dpo
+
+        return packed_pairs_dpo(ids_fed_dpo(DPOTrainer), enabled=training_args.loss_only_labels), args
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 

@@ -23,7 +23,6 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
     from medtune.models.loader import attach_lora, optional_chat_template
     from medtune.stages.common import (
-        MedtuneTrainer,
         argmax_logits,
         configure_evaluation,
         finish_training,
@@ -31,6 +30,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
         start_stage,
         token_accuracy,
     )
+    from medtune.stages.logprobs import LabelOnlyLossTrainer
 
     if data_args.streaming and training_args.max_steps <= 0:
         raise ConfigError("streaming needs --max_steps (a stream has no length to count epochs by)")
@@ -52,7 +52,7 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 
-    trainer = MedtuneTrainer(
+    trainer = LabelOnlyLossTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,

@@ -22,7 +22,6 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     from medtune.data.sft import build_sft_split, load_conversations, log_encoding_stats
     from medtune.models.loader import attach_lora
     from medtune.stages.common import (
-        MedtuneTrainer,
         argmax_logits,
         configure_evaluation,
         finish_training,
@@ -30,6 +29,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
         start_stage,
         token_accuracy,
     )
+    from medtune.stages.logprobs import LabelOnlyLossTrainer
 
     template = checked_template(model_args)  # before start_stage writes anything into output_dir
     tokenizer = template.tokenizer
@@ -52,7 +52,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 
-    trainer = MedtuneTrainer(
+    trainer = LabelOnlyLossTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,

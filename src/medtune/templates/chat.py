@@ -128,14 +128,17 @@ class ChatTemplate:
 
     # -- ids ----------------------------------------------------------------------------------------------------
 
+    # verbose=False: transformers warns "Token indices sequence length is longer than the specified maximum" for any
+    # text longer than model_max_length; the stages cut records to their own limit and count what they cut.
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """Token ids of the whole `text` and the character offset at which each token starts."""
         if not getattr(self.tokenizer, "is_fast", False):
             return self._tokenize_pieces(text, spans)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                                  verbose=False)
         starts = [start for start, _ in encoding["offset_mapping"]]
         for reply_start, _ in spans:
             straddling = [(s, e) for s, e in encoding["offset_mapping"] if s < reply_start < e]

@@ -1,0 +1,144 @@
+"""Log-probabilities computed only where a loss reads them.
+
+A causal LM's head turns every position's hidden state into vocabulary-sized logits; the loss then reads one
+number per *labelled* position. Prompt tokens carry no label, and the LM head of a small model costs as much as its
+layers. Here only the hidden states of labelled positions go through the head, in chunks: on CUDA by TRL's fused
+log-prob kernel (`trl.kernels.ChunkedLogProbFunction`, Triton: gather minus an online logsumexp, never a
+full-vocabulary log-softmax), on CPU by plain chunked cross-entropy.
+
+`install_label_only_forward` gives a model a forward that does this for the causal-LM loss (SFT, PT), and
+`head_log_probs` is the shared piece the DPO pair packing (`medtune.stages.pair_packing`) uses too.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from medtune.data.blocks import IGNORE_INDEX
+from medtune.stages.common import MedtuneTrainer
+
+# Heads that scale or cap their logits compute something else than `hidden @ weight.T`; those models keep the
+# standard forward (transformers knows each one's arithmetic, we do not repeat it).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+# The kernel works on [tokens, vocab columns] tiles; calling it on at most TOKEN_CHUNK tokens at a time bounds that
+# buffer (and the one its backward recomputes) to TOKEN_CHUNK x min(vocab, VOCAB_CHUNK) floats.
+TOKEN_CHUNK = 1024
+VOCAB_CHUNK = 32768
+
+
+def language_model(model):
+    """The transformers model under a peft wrapper (the module whose forward owns backbone + head)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def has_plain_head(model) -> bool:
+    """Whether the model's logits are exactly `hidden @ lm_head.weight.T (+ bias)`: no logit scaling or capping, and
+    no LoRA layer on the head (its `weight` is the base weight without the adapter's update; a fully trained copy,
+    peft's modules_to_save, is fine: its `weight` is the copy in use)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = language_model(model).config.get_text_config()
+    head = language_model(model).get_output_embeddings()
+    return (all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS)
+            and not isinstance(head, BaseTunerLayer))
+
+
+def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",)):
+    """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of `targets` [N] given `hidden` [N, H] through
+    the model's LM head, only the requested optional fields filled (the fields of TRL's FusedCausalLMOutput).
+
+    With Triton (CUDA, XPU): TRL's fused kernel, which recomputes each logits tile in its backward, so no [N, vocab]
+    tensor outlives a chunk. Elsewhere (CPU): cross-entropy over chunks of TOKEN_CHUNK rows, keeping each chunk's
+    log-softmax for the backward as transformers' own loss does, but for the given rows only; the kernel's torch
+    fallback is several times slower per token on CPU."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    head = language_model(model).get_output_embeddings()
+    hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+    fused = _use_triton(hidden.device)
+    pieces = [(_fused_chunk if fused else _plain_chunk)(hidden[start:start + TOKEN_CHUNK], head,
+                                                        targets[start:start + TOKEN_CHUNK], outputs)
+              for start in range(0, max(len(hidden), 1), TOKEN_CHUNK)]
+    return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
+
+
+def _fused_chunk(hidden, head, targets, outputs):
+    from trl.kernels import ChunkedLogProbFunction
+
+    vocab_chunk = min(VOCAB_CHUNK, head.weight.shape[0])
+    return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, vocab_chunk, None, 1.0, outputs)
+
+
+def _plain_chunk(hidden, head, targets, outputs):
+    logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    if outputs == ("log_probs",):
+        return log_probs, None, None, None, None
+    with torch.no_grad():  # statistics for metrics (and WPO weights, which TRL computes without a gradient)
+        log_z = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - log_z[:, None])
+        entropy = log_z - (probs * logits).sum(-1) if "entropy" in outputs else None
+        log_sum_sq = torch.log((probs * probs).sum(-1)) if "log_sum_sq_probs" in outputs else None
+        mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
+        is_top1 = logits.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
+    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+
+def backbone_hidden_states(model, **kwargs) -> torch.Tensor:
+    """The last hidden states of the model's layers (no head), with the KV cache off."""
+    kwargs["use_cache"] = False
+    return language_model(model).base_model(**kwargs).last_hidden_state
+
+
+def loss_at_labelled_positions(model, labels: torch.Tensor, num_items_in_batch=None, **kwargs) -> torch.Tensor:
+    """The causal-LM loss transformers computes (mean next-token cross-entropy over labelled positions, or the sum
+    divided by `num_items_in_batch` under gradient accumulation), with the head run only at labelled positions."""
+    hidden = backbone_hidden_states(model, **kwargs)[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    supervised = targets != IGNORE_INDEX
+    log_probs = head_log_probs(model, hidden[supervised], targets[supervised])[0]
+    total = log_probs.sum()  # an empty selection still gives a differentiable 0
+    divisor = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+    return -total / divisor
+
+
+def install_label_only_forward(model) -> bool:
+    """Make `model(..., label_only_loss=True, labels=...)` return the loss computed by `label_only_loss` (no logits);
+    without the flag the forward is the model's own. Returns False (nothing installed) for heads that are not plain.
+    """
+    target = language_model(model)
+    if not has_plain_head(target) or getattr(target, "_medtune_label_only", False):
+        return getattr(target, "_medtune_label_only", False)
+    original = target.forward
+
+    @functools.wraps(type(target).forward)  # the Trainer inspects the signature for loss kwargs
+    def forward(self, *args, label_only_loss: bool = False, **kwargs):
+        if not label_only_loss or kwargs.get("labels") is None or args:
+            return original(*args, **kwargs)
+        return CausalLMOutputWithPast(loss=loss_at_labelled_positions(self, **kwargs))
+
+    target.forward = types.MethodType(forward, target)
+    target._medtune_label_only = True
+    return True
+
+
+class LabelOnlyLossTrainer(MedtuneTrainer):
+    """MedtuneTrainer whose training steps run the LM head only at labelled positions (`loss_only_labels`).
+
+    Evaluation keeps the standard forward: its token accuracy reads the argmax of every position's logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_only = self.args.loss_only_labels and install_label_only_forward(
+            self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.label_only and model.training and not return_outputs and "labels" in inputs:
+            inputs = {**inputs, "label_only_loss": True}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)

@@ -1,0 +1,64 @@
+"""The LM head run only at labelled positions (`--loss_only_labels`, pt and sft) gives transformers' causal-LM
+loss and the same gradients, on every tiny model family, with and without gradient-accumulation normalisation."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from medtune.data.collators import PaddingCollator
+from medtune.stages.logprobs import has_plain_head, install_label_only_forward
+
+
+def batch_with_prompts(vocab: int) -> dict:
+    """Two right-padded rows whose first tokens (a prompt) carry no label, as sft builds them."""
+    generator = torch.Generator().manual_seed(0)
+    lengths, prompts = (23, 15), (9, 4)
+    features = []
+    for length, prompt in zip(lengths, prompts):
+        ids = torch.randint(5, vocab, (length,), generator=generator)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        features.append({"input_ids": ids, "labels": labels})
+    return PaddingCollator(pad_token_id=0)(features)
+
+
+def loss_and_gradients(model, batch, **extra):
+    model.zero_grad()
+    loss = model(**batch, **extra).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["glm4", "qwen2", "llama"])
+@pytest.mark.parametrize(("num_items", "token_chunk"), [(None, 1024), (40, 7)])
+def test_label_only_loss_and_gradients_equal_the_standard_path(tiny_model, monkeypatch, arch, num_items, token_chunk):
+    from medtune.stages import logprobs
+
+    monkeypatch.setattr(logprobs, "TOKEN_CHUNK", token_chunk)  # 7: the labelled tokens span several chunks
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(arch), dtype=torch.float32)
+    assert has_plain_head(model) and install_label_only_forward(model)
+    batch = batch_with_prompts(model.config.vocab_size)
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    expected, expected_grads = loss_and_gradients(model, batch, **extra)
+    loss, grads = loss_and_gradients(model, batch, label_only_loss=True, **extra)
+    # float32, same arithmetic in another order (chunked logsumexp): agreement to 1e-5 absolute
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert grads.keys() == expected_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_without_the_flag_the_forward_is_the_models_own(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen2"), dtype=torch.float32)
+    batch = batch_with_prompts(model.config.vocab_size)
+    with torch.no_grad():
+        before = model(**batch).logits
+        install_label_only_forward(model)
+        after = model(**batch)
+    assert torch.equal(after.logits, before)
+
+
+def test_a_head_that_scales_its_logits_keeps_the_standard_forward(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    model.config.logit_scale = 0.5
+    assert not has_plain_head(model) and not install_label_only_forward(model)
