@@ -120,3 +120,7 @@ def test_qlora_model_is_prepared_for_kbit_training(checkpointing, glm4_dir, tmp_
     common.load_training_model(str(glm4_dir), model_args, training_args)
     assert loaded["quantization"].load_in_4bit and loaded["quantization"].bnb_4bit_quant_type == "nf4"
     assert prepared["use_gradient_checkpointing"] is checkpointing
+    # --gradient_checkpointing reaches transformers 5 as activation_checkpointing, with the non-reentrant variant
+    # (the reentrant one needs inputs that require grad, which a frozen base under LoRA does not give)
+    assert prepared["gradient_checkpointing_kwargs"] == ({"use_reentrant": False} if checkpointing else None)
+    assert training_args.activation_checkpointing is checkpointing

@@ -169,9 +169,10 @@ def load_training_model(model_path: str, model_args, training_args):
     if configs:
         save_run_config(training_args, configs)
     model.config.use_cache = False
-    if training_args.gradient_checkpointing:
+    # --gradient_checkpointing arrives as transformers 5's activation_checkpointing (see StageTrainingArguments)
+    if training_args.activation_checkpointing:
         # the reentrant variant needs inputs that require grad, which a frozen base under LoRA does not give
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+        training_args.activation_checkpointing_kwargs = training_args.activation_checkpointing_kwargs or {
             "use_reentrant": False}
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -179,8 +180,8 @@ def load_training_model(model_path: str, model_args, training_args):
         # freezes the base, upcasts the unquantised weights (norms, embeddings, head) to float32 for stable
         # training, and turns on gradient checkpointing only if it was asked for
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=training_args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
+            model, use_gradient_checkpointing=bool(training_args.activation_checkpointing),
+            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs)
     return model
 
 
