@@ -130,7 +130,7 @@ COMMANDS = {
     "dpo": (dpo, "Preference optimisation: DPO (sigmoid/ipo/hinge/...), ORPO, SimPO, KTO; LoRA or full."),
     "eval": (evaluate, "Evaluate: cmb-exam, cmb-score, cmb-clin, safety, ppl (local model or OpenAI endpoint)."),
     "merge": (merge, "Merge a LoRA adapter into its base model, checking that logits match."),
-    "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
+    "pipeline": (pipeline, "The whole path on one command: pt, sft, dpo (each merged), evaluation of every model, a report."),
 }
 
 

@@ -17,6 +17,8 @@ Command-line overrides name the section: `--sft.learning_rate 1e-4`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,16 +81,28 @@ def section_types(section: str) -> tuple:
     return EvalArguments, PipelineEvalArguments
 
 
+def sections_help() -> str:
+    """The epilog: where each section's options are documented, and the eval section's own options."""
+    own = [textwrap.fill(f"{f.name} (default {f.default!r}): {f.metadata['help']}", 100, initial_indent="  ",
+                         subsequent_indent="      ") for f in dataclasses.fields(PipelineEvalArguments)]
+    intro = textwrap.fill("sections: pt, sft, dpo and merge take the options of `medtune pt|sft|dpo|merge --help`; "
+                          "eval takes those of `medtune eval cmb-exam --help` (limit: CMB-Exam items; "
+                          "max_new_tokens: the generation budget), plus:", 100)
+    return "\n".join([intro, *own])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtune pipeline",
-        description="The whole path on one command: pt -> merge -> sft -> merge -> dpo -> merge -> eval, each stage "
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=sections_help(),
+        description=textwrap.fill("The whole path on one command: pt -> merge -> sft -> merge -> dpo -> merge -> eval, each stage "
                     "trained on the previous stage's merged model, then the base model and every stage's model "
                     "evaluated on the same items; writes pipeline_results.json, run_manifest.json, report.html and "
                     "report.md. Without options it runs the bundled quickstart on the embedded tiny GLM-4 model. "
                     "Re-running the same command skips finished stages and resumes an interrupted one; a stage "
                     "whose options or data files changed runs again with every stage after it, and the log says "
-                    "what changed. Stage options on the command line name their section: --sft.learning_rate 1e-4.",
+                    "what changed. Stage options on the command line name their section: --sft.learning_rate 1e-4.", 100),
     )
     parser.add_argument("--config", default=None, metavar="YAML",
                         help=f"Pipeline YAML: one section per stage (default: configs/{DEFAULT_CONFIG}).")
