@@ -59,6 +59,7 @@ def test_pipeline_trains_every_stage_on_the_previous_one_and_evaluates_every_mod
         trained_on = yaml.safe_load((out / stage / "medtune_config.yaml").read_text())["model_name_or_path"]
         assert Path(trained_on) == out.resolve() / base
     test_ids = [item["id"] for item in json.loads((REPO / "data/eval/cmb/test.json").read_text())]
+    val_ids = [item["id"] for item in json.loads((REPO / "data/eval/cmb/val.json").read_text())]
     for model in ("base", "pt", "sft", "dpo"):
         assert answered_ids(out, model, "cmb_exam") == test_ids[:8]  # eval limit: 8
         assert answered_ids(out, model, "cmb_exam_generate") == test_ids[:2]  # generate_limit: 2
@@ -66,6 +67,7 @@ def test_pipeline_trains_every_stage_on_the_previous_one_and_evaluates_every_mod
         assert [item["id"] for item in evaluation["safety"]["items"]] == [f"safety-{n:03d}" for n in range(1, 61)]
         assert evaluation["clin"]["cases"] == 1 and evaluation["perplexity"]["documents"] == 10
         assert evaluation["cmb_exam"]["items"] == 8 and 0 < evaluation["cmb_exam"]["chance"] < 1
+        assert answered_ids(out, model, "general") == val_ids[:8]
     assert set(results["training"]) == {"pt", "sft", "dpo"}
     assert [e["step"] for e in results["training"]["dpo"]["log_history"] if "loss" in e] == [1, 2]
     assert "rewards/accuracies" in results["training"]["dpo"]["log_history"][0]

@@ -133,7 +133,7 @@ class Pipeline:
         model_args = dataclasses.replace(model_args)
         merge_args = dataclasses.replace(merge_args, lora_model=str(adapter), output_dir=str(merged))
         # the merge is as current as the adapter it folds in
-        record = {"options": options_record(model_args, merge_args), "adapter": adapter_record}
+        record = {"options": self.relative(options_record(model_args, merge_args)), "adapter": adapter_record}
         # A merge has no checkpoint: one left incomplete is removed and done again.
         self.state.run(name, record, lambda: run_merge(model_args, merge_args) and None, resumable=False)
         return str(merged)
