@@ -215,3 +215,16 @@ def test_ci_runs_the_readme_test_command():
     command = 'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q'
     assert command in readme and command in ci
     assert "pip install torch==2.13.0 -e . && medtune pipeline" in readme
+
+
+def test_chance_is_averaged_like_the_overall_score():
+    from medtune.data.records import AnswerKey, ExamItem
+    from medtune.eval.runner import chance_accuracy
+
+    five, four = {k: f"选项{k}" for k in "ABCDE"}, {k: f"选项{k}" for k in "ABCD"}
+    items = [ExamItem("1", "医师考试", "甲", "单项选择题", "q", five), ExamItem("2", "医师考试", "甲", "单项选择题", "q", four),
+             ExamItem("3", "医师考试", "乙", "多项选择题", "q", five), ExamItem("4", "护理考试", "丙", "单项选择题", "q", four)]
+    keys = [AnswerKey(i.id, "A", i.exam_type, i.exam_class) for i in items]
+    # classes: 甲 (1/5 + 1/4) / 2, 乙 1/31; types: 医师 the mean of its two classes, 护理 1/4; overall their mean
+    expected = (((0.2 + 0.25) / 2 + 1 / 31) / 2 + 0.25) / 2
+    assert chance_accuracy(items, keys, official=False) == pytest.approx(expected, abs=1e-12)
