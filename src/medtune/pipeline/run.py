@@ -16,7 +16,9 @@ logger = logging.getLogger(__name__)
 
 # Options that say where a step writes or how it resumes, not what it computes: never a reason to run again.
 NOT_COMPARED = {"resume_from_checkpoint", "output_dir"}
-MERGE_UNITS, EVAL_UNITS_PER_MODEL = 40.0, 150.0  # rough work units for the ETA, next to training's steps x batch
+# Rough work units for the ETA, next to training's steps x batch: loading and saving a stage's model, a merge, and
+# evaluating one model.
+STAGE_UNITS, MERGE_UNITS, EVAL_UNITS_PER_MODEL = 60.0, 40.0, 150.0
 
 
 def options_record(*instances) -> dict:
@@ -70,10 +72,12 @@ class Pipeline:
         units = {}
         for stage in self.plan.stages:
             if stage == "eval":
-                units["eval"] = EVAL_UNITS_PER_MODEL * len(self.plan.stages)
+                models = 1 + sum(s in ("pt", "sft", "dpo") for s in self.plan.stages)  # the base model + each stage's
+                units["eval"] = EVAL_UNITS_PER_MODEL * models
                 continue
             configs = self.sections[stage]
-            units[stage] = training_units(configs[3]) * (3 if stage == "dpo" else 1)  # two answers + reference
+            # a DPO step runs two answers, plus the reference model
+            units[stage] = STAGE_UNITS + training_units(configs[3]) * (3 if stage == "dpo" else 1)
             if configs[1].use_peft:
                 units[f"merge-{stage}"] = MERGE_UNITS
         return units
@@ -82,7 +86,7 @@ class Pipeline:
         """The record with paths inside output_dir written relative to it: a copied or moved output folder still
         matches what its steps were made with."""
         inside = f"{self.out}{os.sep}"
-        text = json.dumps(record, ensure_ascii=False).replace(json.dumps(inside)[1:-1], "")
+        text = json.dumps(record, ensure_ascii=False).replace(json.dumps(inside, ensure_ascii=False)[1:-1], "")
         return json.loads(text)
 
     def run(self) -> dict:
@@ -134,8 +138,11 @@ class Pipeline:
         merge_args = dataclasses.replace(merge_args, lora_model=str(adapter), output_dir=str(merged))
         # the merge is as current as the adapter it folds in
         record = {"options": self.relative(options_record(model_args, merge_args)), "adapter": adapter_record}
+        def work() -> None:
+            run_merge(model_args, merge_args)
+
         # A merge has no checkpoint: one left incomplete is removed and done again.
-        self.state.run(name, record, lambda: run_merge(model_args, merge_args) and None, resumable=False)
+        self.state.run(name, record, work, resumable=False)
         return str(merged)
 
     def evaluate(self, models: list[tuple[str, str]]) -> dict:
