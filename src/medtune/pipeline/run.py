@@ -52,7 +52,10 @@ def validate_data(stage: str, configs: tuple) -> None:
 
 class Pipeline:
     def __init__(self, plan: PipelinePlan, argv: list[str]):
+        from medtune.pipeline.summary import git_revision
+
         self.plan, self.argv = plan, argv
+        self.git = git_revision()  # the code that runs, read before a long run during which the checkout may move
         self.out = plan.output_dir.resolve()  # records name stage folders relative to it
         self.sections = self._parse_sections()
         self.state = PipelineState(self.out, Progress(self._work_units()))
@@ -175,7 +178,7 @@ class Pipeline:
         results = pipeline_results(self.plan, self.state, models, evaluations)
         (self.out / "pipeline_results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False),
                                                         encoding="utf-8")
-        manifest = run_manifest(self.plan, self.state, models, self.argv)
+        manifest = run_manifest(self.plan, self.state, models, self.argv, self.git)
         (self.out / "run_manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False),
                                                     encoding="utf-8")
         html, markdown = write_pipeline_report(self.out, results)

@@ -142,7 +142,7 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def run_manifest(plan, state: PipelineState, models: list[tuple[str, str]], argv: list[str]) -> dict:
+def run_manifest(plan, state: PipelineState, models: list[tuple[str, str]], argv: list[str], git: dict | None) -> dict:
     """Everything needed to say what ran: per step its effective options, input files and sha256, wall time and
     peak memory; package versions; git revision; the models' fingerprints."""
     from medtune.eval.runner import folder_fingerprint
@@ -161,7 +161,7 @@ def run_manifest(plan, state: PipelineState, models: list[tuple[str, str]], argv
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": package_versions(),
-        "git": git_revision(),
+        "git": git,
         "input_files_sha256": inputs,
         "models": {name: {"path": path, "fingerprint": folder_fingerprint(path)} for name, path in models},
         "steps": steps,
