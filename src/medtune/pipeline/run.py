@@ -111,6 +111,8 @@ class Pipeline:
         """Train `stage` on `model` (then merge its adapter); returns the model the next stage starts from."""
         from importlib import import_module
 
+        from medtune.eval.runner import folder_fingerprint
+        from medtune.models.loader import resolve_model_path
         from medtune.pipeline.summary import data_files, data_summary, digests
 
         module = import_module(f"medtune.stages.{stage}")
@@ -118,8 +120,9 @@ class Pipeline:
         tokens = ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]
         configs = self.plan.parse(stage, tokens + (["--model_name_or_path", model] if model else []))
         validate_data(stage, configs)
-        record = {"options": self.relative(options_record(*configs)),
-                  "inputs": digests(data_files(stage, configs[2]))}
+        start = resolve_model_path(model)  # its weights changing in place (same path) also means a re-run
+        record = {"options": self.relative(options_record(*configs)), "inputs": digests(data_files(stage, configs[2])),
+                  "models": self.relative({start: folder_fingerprint(start)})}
 
         def work() -> dict:
             data = data_summary(stage, configs[0], configs[2])
