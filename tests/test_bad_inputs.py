@@ -98,8 +98,9 @@ DPO = ("dpo", *TRAIN, "--max_length", "64")
 EXAM = ("eval", "cmb-exam", "--model_name_or_path", "{model}", "--data_dir", "{tmp}/cmb", "--output_dir", "{tmp}/out")
 SCORE = ("eval", "cmb-score", "--predictions", "{tmp}/pred.json", "--truth", "{tmp}/truth.json", "--output_dir",
          "{tmp}/out")
-SHORT_PIPELINE = ("--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--block_size", "32")
-PIPELINE = ("pipeline", "--model_name_or_path", "{model}", "--train_file_dir", "{tmp}/data", "--output_dir",
+SHORT_PIPELINE = ("--skip", "sft", "dpo", "eval", "--pt.max_steps", "2", "--pt.eval_steps", "2", "--pt.save_steps", "2",
+                  "--pt.block_size", "32")
+PIPELINE = ("pipeline", "--model_name_or_path", "{model}", "--pt.train_file_dir", "{tmp}/data", "--output_dir",
             "{tmp}/out", *SHORT_PIPELINE)
 FINISHED_PIPELINE = tuple(arg.replace("{tmp}/data", "{corpus}") for arg in PIPELINE)  # as the env's pipeline ran
 
@@ -270,16 +271,16 @@ def killed_during_merge(tmp: Path, env: dict) -> None:
     copy_finished_pipeline(tmp, env)
     state_file = tmp / "out" / "pipeline_state.json"
     state = json.loads(state_file.read_text())
-    state["merged"]["finished"] = False
+    state["merge-pt"]["finished"] = False
     state_file.write_text(json.dumps(state))
-    (tmp / "out" / "merged" / "merge_check.json").unlink()
-    (tmp / "out" / "merged" / "model.safetensors").write_bytes(b"cut short")
+    (tmp / "out" / "merged-pt" / "merge_check.json").unlink()
+    (tmp / "out" / "merged-pt" / "model.safetensors").write_bytes(b"cut short")
 
 
 def merged_again(result, tmp: Path, env: dict) -> None:
     ok(result)
-    assert "merge: " in result.stderr and "running it again" in result.stderr
-    assert json.loads((tmp / "out" / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
+    assert "merge-pt: " in result.stderr and "running it again" in result.stderr
+    assert json.loads((tmp / "out" / "merged-pt" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
 
 
 def pt_ran_again_for_learning_rate(result, tmp: Path, env: dict) -> None:
@@ -417,7 +418,7 @@ CASES = [
 
     # The pipeline: killed during merge, re-run with a changed option.
     Case("killed-during-merge/pipeline", FINISHED_PIPELINE, prepare=killed_during_merge, check=merged_again),
-    Case("changed-learning-rate/pipeline", (*FINISHED_PIPELINE, "--learning_rate", "1e-4"),
+    Case("changed-learning-rate/pipeline", (*FINISHED_PIPELINE, "--pt.learning_rate", "1e-4"),
          prepare=copy_finished_pipeline, check=pt_ran_again_for_learning_rate),
 
     # YAML configs.

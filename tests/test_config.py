@@ -48,7 +48,9 @@ def test_invalid_values_are_config_errors():
         parse_arguments(pt.ARGUMENT_TYPES, ["--torch_dtype", "fp8"])
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+# pipeline*.yaml hold one section per stage: tests/test_pipeline.py parses them
+@pytest.mark.parametrize("config", sorted(c for c in (REPO / "configs").glob("*.yaml")
+                                          if not c.name.startswith("pipeline")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(config):
     import torch
 

@@ -366,7 +366,7 @@ def test_each_merge_option_is_declared_once_and_the_books_names_work(capsys):
 
 @pytest.mark.slow
 def test_a_pipeline_killed_during_merge_finishes_on_rerun(tmp_path):
-    """SIGKILL while the merged model is being written: no half folder at merged/, and the re-run merges."""
+    """SIGKILL while the merged model is being written: no half folder at merged-pt/, and the re-run merges."""
     import os
     import signal
     import subprocess
@@ -376,20 +376,21 @@ def test_a_pipeline_killed_during_merge_finishes_on_rerun(tmp_path):
     from .conftest import REPO
 
     out = tmp_path / "pipeline"
-    staging = out / ".merged.merging"
+    staging = out / ".merged-pt.merging"
+    pt_only = ("--skip", "sft", "dpo", "eval", "--pt.max_steps", "2")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen([sys.executable, "-m", "medtune", "pipeline", "--output_dir", str(out), "--max_steps",
-                                "2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "medtune", "pipeline", "--output_dir", str(out), *pt_only],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL  # killed mid-merge, not after it finished
-    assert staging.exists() and not (out / "merged").exists()
-    again = run_medtune("pipeline", "--output_dir", str(out), "--max_steps", "2")
+    assert staging.exists() and not (out / "merged-pt").exists()
+    again = run_medtune("pipeline", "--output_dir", str(out), *pt_only)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted merge" in again.stderr and not staging.exists()
-    assert json.loads((out / "merged" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
+    assert json.loads((out / "merged-pt" / "merge_check.json").read_text())["max_abs_logit_difference"] <= 1e-4
 
 
 def test_the_check_computes_in_float32_without_changing_the_stored_weights(bf16_base):

@@ -187,7 +187,7 @@ COMMANDS = {
     "predict": (predict, "Replies for every prompt of a file (batched, resumable; --backend vllm on a GPU)."),
     "estimate-memory": (estimate_memory, "Per-GPU training memory (LoRA, QLoRA, full; ZeRO 0-3) from a config.json."),
     "serve": (serve, "An OpenAI-compatible HTTP server with a chat page (batched; --backend vllm on GPUs)."),
-    "pipeline": (pipeline, "The whole path on one command (now: pt, then merge) with a report."),
+    "pipeline": (pipeline, "The whole path on one command: pt, sft, dpo (each merged), evaluation of every model, a report."),
 }
 
 

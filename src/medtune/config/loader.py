@@ -56,7 +56,7 @@ def _optional_fields(dataclass_types) -> set[str]:
     return names
 
 
-def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
+def unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     if key in _REMOVED:
         return ConfigError(f"{where}: {key}: {_REMOVED[key]}")
     close = difflib.get_close_matches(key, known, n=1)
@@ -64,9 +64,10 @@ def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown option {key!r}{hint}")
 
 
-def _read_yaml(path: Path) -> list[tuple[str, Any, int]]:
+def read_yaml_entries(path: Path, sections: tuple[str, ...] = ()) -> list[tuple[str, Any, int]]:
     """(key, value, line) for every top-level entry of a YAML mapping; a key given twice is an error, not a silent
-    "the later one wins"."""
+    "the later one wins". The value of a key named in `sections` must be a mapping and comes back as its own
+    (key, value, line) entries, so options inside a section are located by line too."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     raw = path.read_bytes()
@@ -81,17 +82,14 @@ def _read_yaml(path: Path) -> list[tuple[str, Any, int]]:
         root = loader.get_single_node()
         if root is None:
             return []
-        if not isinstance(root, yaml.MappingNode):
-            raise ConfigError(f"{path}: expected a mapping of option: value")
-        entries: list[tuple[str, Any, int]] = []
-        first_line: dict[str, int] = {}
-        for key_node, value_node in root.value:
-            line = key_node.start_mark.line + 1
-            key = str(loader.construct_object(key_node, deep=True))
-            if key in first_line:
-                raise ConfigError(f"{path}:{line}: {key}: set twice (first on line {first_line[key]}); keep one")
-            first_line[key] = line
-            entries.append((key, loader.construct_object(value_node, deep=True), line))
+        entries = []
+        for key, value_node, line in _mapping_entries(loader, root, path):
+            if key in sections and value_node.tag != "tag:yaml.org,2002:null":
+                value = _mapping_entries(loader, value_node, path, key)
+                value = [(k, loader.construct_object(v, deep=True), n) for k, v, n in value]
+            else:
+                value = loader.construct_object(value_node, deep=True)
+            entries.append((key, value, line))
         return entries
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -99,6 +97,23 @@ def _read_yaml(path: Path) -> list[tuple[str, Any, int]]:
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     finally:
         loader.dispose()
+
+
+def _mapping_entries(loader, node, path: Path, section: str | None = None) -> list[tuple[str, Any, int]]:
+    """(key, value node, line) of a YAML mapping node, refusing a key given twice."""
+    where = f": {section}" if section else ""
+    if not isinstance(node, yaml.MappingNode):
+        at = f"{path}:{node.start_mark.line + 1}: {section}" if section else str(path)
+        raise ConfigError(f"{at}: expected a mapping of option: value")
+    entries, first_line = [], {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        key = str(loader.construct_object(key_node, deep=True))
+        if key in first_line:
+            raise ConfigError(f"{path}:{line}{where}: {key}: set twice (first on line {first_line[key]}); keep one")
+        first_line[key] = line
+        entries.append((key, value_node, line))
+    return entries
 
 
 def _value_tokens(key: str, value: Any) -> list[str]:
@@ -113,17 +128,17 @@ def _value_tokens(key: str, value: Any) -> list[str]:
     return [f"--{key}={text}"]  # one token, so a value starting with '-' is not taken for an option
 
 
-def _yaml_to_tokens(path: Path, dataclass_types, parser: HfArgumentParser) -> tuple[list[str], dict[str, None]]:
-    """Command-line tokens for the file's values, each checked on its own so a bad value is reported with its file,
-    line and option; and the options the file sets to null."""
+def _yaml_to_tokens(entries: list[tuple[str, Any, str]], dataclass_types,
+                    parser: HfArgumentParser) -> tuple[list[str], dict[str, None]]:
+    """Command-line tokens for a config's (key, value, where) entries, each checked on its own so a bad value is
+    reported with its file, line and option; and the options the config sets to null."""
     known = _field_names(dataclass_types)
     optional = _optional_fields(dataclass_types)
     tokens: list[str] = []
     nulls: dict[str, None] = {}
-    for key, value, line in _read_yaml(path):
-        where = f"{path}:{line}"
+    for key, value, where in entries:
         if key not in known:
-            raise _unknown_key_error(key, known, where)
+            raise unknown_key_error(key, known, where)
         if value is None:
             if key not in optional:
                 raise ConfigError(f"{where}: {key}: needs a value (null is not allowed here)")
@@ -168,8 +183,10 @@ def build_parser(dataclass_types, prog: str, description: str) -> HfArgumentPars
     return parser
 
 
-def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", description: str = "") -> tuple:
-    """Return one instance per dataclass type, filled from `--config YAML` and the rest of `argv`."""
+def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", description: str = "",
+                    config_entries: list[tuple[str, Any, str]] | None = None) -> tuple:
+    """Return one instance per dataclass type, filled from `--config YAML` (or `config_entries`, (key, value, where)
+    triples such as one section of a pipeline file) and the rest of `argv`."""
     dataclass_types = list(dataclass_types)
     known = _field_names(dataclass_types)
     config_path, rest = _split_config_flag(list(argv))
@@ -178,9 +195,11 @@ def parse_arguments(dataclass_types, argv: list[str], prog: str = "medtune", des
         if token.startswith("--") and token not in ("--help",):
             name = token[2:].split("=", 1)[0].replace("-", "_")  # --learning-rate works as in HfArgumentParser
             if name not in known and name not in aliases and not (name.startswith("no_") and name[3:] in known):
-                raise _unknown_key_error(name, known, "command line")
+                raise unknown_key_error(name, known, "command line")
     parser = build_parser(dataclass_types, prog, description)
-    tokens, nulls = _yaml_to_tokens(config_path, dataclass_types, parser) if config_path else ([], {})
+    if config_path:
+        config_entries = [(key, value, f"{config_path}:{line}") for key, value, line in read_yaml_entries(config_path)]
+    tokens, nulls = _yaml_to_tokens(config_entries or [], dataclass_types, parser)
     parser.set_defaults(**nulls)  # a YAML null sets None; the command line still wins
     try:
         namespace, remaining = parser.parse_known_args(tokens + rest)

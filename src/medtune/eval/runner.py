@@ -397,12 +397,28 @@ def run_exam(model_args, eval_args, default_data: str = "eval/cmb", title: str =
         return None
     model = getattr(backend, "name", settings.get("model") or settings["endpoint"] or "embedded tiny model")
     results = score(predictions, keys, exact=eval_args.official).to_dict() | {
-        "model": model, "items": len(items),
+        "model": model, "items": len(items), "chance": chance_accuracy(items, keys, eval_args.official),
         **{k: settings[k] for k in ("mode", "cot", "shots", "official", "split")}}
     write_results(output_dir, results, title)
     logger.info("%s: overall %.2f%% (items right %.2f%%) -> %s", title, 100 * results["overall"],
                 100 * results["item_accuracy"], output_dir / "results.md")
     return results
+
+
+def chance_accuracy(items: list[ExamItem], keys: list[AnswerKey], official: bool) -> float:
+    """The expected `overall` of uniform random guessing among the options shown: 1/k for a single-answer item
+    with k options, 1/(2^k - 1) for a multiple-answer one (any non-empty set), averaged as `overall` is (classes,
+    then exam types), so a chart can draw the chance line next to the scores."""
+    by_id = {i.id: i for i in items}
+    by_class: dict[tuple[str, str], list[float]] = {}
+    for key in keys:
+        item = by_id[key.id]
+        k = len(shown_options(item, official))
+        by_class.setdefault((key.exam_type, key.exam_class), []).append(1 / (2 ** k - 1) if item.multiple else 1 / k)
+    by_type: dict[str, list[float]] = {}
+    for (exam_type, _), values in by_class.items():
+        by_type.setdefault(exam_type, []).append(sum(values) / len(values))
+    return sum(sum(v) / len(v) for v in by_type.values()) / len(by_type) if by_type else 0.0
 
 
 def run_score(eval_args) -> dict:
