@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "pipeline_state.json"
 # The folder each step writes; eval's is kept when the step runs again: `medtune eval` reuses the answers of a
 # model whose weights (fingerprint) and options are unchanged, and sets the others aside itself.
-FOLDERS = {"pt": "pt", "merge-pt": "merged-pt", "sft": "sft", "merge-sft": "merged-sft", "dpo": "dpo",
+FOLDERS = {"scrub": "scrubbed", "contamination": "contamination", "pt": "pt", "merge-pt": "merged-pt", "sft": "sft", "merge-sft": "merged-sft", "dpo": "dpo",
            "merge-dpo": "merged-dpo", "eval": "eval"}
 KEPT_ON_RERUN = {"eval"}
 
