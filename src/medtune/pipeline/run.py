@@ -65,12 +65,16 @@ class Pipeline:
         section fails in a second, not after the training stages."""
         sections = {stage: self.plan.parse(stage) for stage in self.plan.stages if stage not in DATA_STEPS}
         sections["merge"] = self.plan.parse("merge", ["--lora_model", "-", "--output_dir", "-"])
+        from medtune.pipeline.evaluation import check_eval_inputs
+
         if "contamination" in self.plan.stages:
             sections["contamination"] = self.plan.parse("contamination", ["--train", "-", "--eval", "-"])
-        if "eval" in sections:
-            from medtune.pipeline.evaluation import check_eval_inputs
-
-            check_eval_inputs(*sections["eval"])
+            # contamination looks for the eval step's items even when that step does not run this time
+            sections["eval-sets"] = sections.get("eval") or self.plan.parse("eval")
+        for name in ("eval", "eval-sets"):
+            if name in sections:
+                check_eval_inputs(*sections[name])
+                break
         return sections
 
     def _work_units(self) -> dict[str, float]:
@@ -125,9 +129,9 @@ class Pipeline:
         if "scrub" in self.plan.stages:
             sources = data_safety.scrub_step(self.state, sources)
         if "contamination" in self.plan.stages:
-            eval_sections = self.sections.get("eval") or self.plan.parse("eval")
             sources = data_safety.contamination_step(self.state, self.plan, sources,
-                                                     data_safety.eval_sets(*eval_sections), self.relative)
+                                                     data_safety.eval_sets(*self.sections["eval-sets"]),
+                                                     self.relative)
         return {stage: path for stage, path in sources.items() if path != original[stage]}
 
     def train(self, stage: str, model: str | None, train_data: str | None = None) -> str:
