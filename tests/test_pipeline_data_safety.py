@@ -80,7 +80,8 @@ def test_sft_trains_on_the_scrubbed_copy_and_the_leaked_eval_item_is_reported(re
     assert [(c["id"], [m["train"] for m in c["matches"]]) for c in contamination["contaminated"]] == [
         (eval_id, [f"{scrubbed}:6"])]
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert eval_id in report and f"{scrubbed}:6" in report and "contaminated_items" in report
+    assert f"| {eval_id} | {REPO / 'data/eval/cmb/test.json'} | {scrubbed}:6 | 1.0000 |" in report
+    assert f"| sft: {source} | 6 | 1 | 1 |" in report and "| contaminated_items | 1 |" in report
     assert "contamination: 1 of" in result.stderr and "kept in the training data" in result.stderr
 
 
