@@ -113,6 +113,12 @@ def test_drop_contaminated_trains_on_a_copy_without_the_leaked_record(tmp_path):
     assert clean.read_text(encoding="utf-8").splitlines() == scrubbed_lines[:5]  # line 6, the leak, is gone
     contamination = read_json(out / "pipeline_results.json")["data_safety"]["contamination"]
     assert contamination["records_removed"] == 1 and contamination["trained_on"] == {"sft": str(clean.parent)}
+    # another threshold finds the same record: contamination runs again, sft's data is unchanged, sft is kept
+    again = ok(run_medtune("pipeline", "--config", str(config), "--output_dir", str(out),
+                           "--contamination.threshold", "0.9"))
+    assert "contamination: running again from scratch (threshold 0.5 -> 0.9)" in again.stderr
+    assert "sft: already finished" in again.stderr and "scrub: already finished" in again.stderr
+    assert clean.read_text(encoding="utf-8").splitlines() == scrubbed_lines[:5]
 
 
 @pytest.mark.parametrize("section, key", [("contamination", "threshhold"), ("scrub", "ngram")])

@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill("The whole path on one command: pt -> merge -> sft -> merge -> dpo -> merge -> eval, each stage "
                     "trained on the previous stage's merged model, then the base model and every stage's model "
                     "evaluated on the same items; writes pipeline_results.json, run_manifest.json, report.html and "
-                    "report.md. Without options it runs the bundled quickstart on the embedded tiny GLM-4 model. "
+                    "report.md. Optional steps before training: scrub (the stages train on scrubbed copies) and "
+                    "contamination (evaluation items found in the training data; reported, or dropped). "
+                    "Without options it runs the bundled quickstart on the embedded tiny GLM-4 model. "
                     "Re-running the same command skips finished stages and resumes an interrupted one; a stage "
                     "whose options or data files changed runs again with every stage after it, and the log says "
                     "what changed. Stage options on the command line name their section: --sft.learning_rate 1e-4.", 100),

@@ -117,7 +117,9 @@ def contamination_step(state, plan, sources: dict[str, str], sets: list[str], re
                     report["contaminated_records"], kept, args.report)
         return {"summary": contamination_summary(report, cleaned if args.write_clean else None)}
 
-    state.run("contamination", record, work, resumable=False)
+    # Report only, it changes no training data; a clean copy is recorded by sha256 in each stage's inputs: either
+    # way a stage re-runs exactly when the data it trains on changed, not whenever this step runs again.
+    state.run("contamination", record, work, resumable=False, invalidates_later=False)
     return cleaned
 
 
