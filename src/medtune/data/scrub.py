@@ -127,8 +127,9 @@ def partial(target: Path) -> Path:
     return target.with_name(target.name + ".partial")
 
 
-def scrub_paths(locations: list[str], output_dir: str | Path) -> dict:
-    """Scrub every data file under `locations` into `output_dir`; returns the report (also written as JSON)."""
+def scrub_paths(locations: list[str], output_dir: str | Path, report_path: str | Path | None = None) -> dict:
+    """Scrub every data file under `locations` into `output_dir`; returns the report, also written as JSON to
+    `report_path` (default: `output_dir`/scrub_report.json; the pipeline keeps it out of the folder it trains on)."""
     output_dir = Path(output_dir)
     pairs = output_paths(locations, output_dir)
     problems: list[Problem] = []
@@ -149,7 +150,7 @@ def scrub_paths(locations: list[str], output_dir: str | Path) -> dict:
         total.update(summary["replaced"])
     report = {"files": files, "records": sum(s["records"] for s in files.values()),
               "replaced": {kind: total[kind] for kind in KINDS}}
-    (output_dir / REPORT_NAME).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    Path(report_path or output_dir / REPORT_NAME).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return report
 
 

@@ -5,6 +5,8 @@ medtune.config.args, and a typo is an error naming the file, line, section and k
     model_name_or_path: /models/glm-4-9b-chat-hf     # the base model (default: the embedded tiny GLM-4)
     output_dir: outputs/pipeline
     stages: [pt, sft, dpo, eval]                     # each training stage is followed by its merge
+    scrub: {}                                        # optional: train on scrubbed copies (`medtune data scrub`)
+    contamination: {threshold: 0.3}                  # optional: `medtune data contamination` options + drop_contaminated
     pt:    {block_size: 1024, learning_rate: 2.0e-4, ...}    # `medtune pt` options
     sft:   {...}                                             # `medtune sft` options
     dpo:   {...}                                             # `medtune dpo` options
@@ -26,10 +28,14 @@ from typing import Any
 from medtune.errors import ConfigError
 
 TRAINING_STAGES = ("pt", "sft", "dpo")
-USER_STAGES = (*TRAINING_STAGES, "eval")  # what `stages:` and --skip name; each training stage brings its merge
+# Optional steps on the training data, before any training; off unless named in `stages:` or given a section.
+DATA_STEPS = ("scrub", "contamination")
+DEFAULT_STAGES = (*TRAINING_STAGES, "eval")
+# What `stages:` and --skip name; each training stage brings its merge.
+USER_STAGES = (*DATA_STEPS, *DEFAULT_STAGES)
 # Every step in run order; a step that runs again invalidates every later one.
-STEPS = ("pt", "merge-pt", "sft", "merge-sft", "dpo", "merge-dpo", "eval")
-SECTIONS = (*TRAINING_STAGES, "merge", "eval")
+STEPS = (*DATA_STEPS, "pt", "merge-pt", "sft", "merge-sft", "dpo", "merge-dpo", "eval")
+SECTIONS = (*DATA_STEPS, *TRAINING_STAGES, "merge", "eval")
 TOP_LEVEL = ("model_name_or_path", "output_dir", "stages")
 # Options the pipeline sets itself, per section: a value from the user would be overwritten, so it is refused.
 PIPELINE_SET = {
@@ -39,6 +45,9 @@ PIPELINE_SET = {
              "predictions", "truth"),
 }
 PIPELINE_SET["sft"] = PIPELINE_SET["dpo"] = PIPELINE_SET["pt"]
+# The data steps read the training stages' data and the eval step's sets, and write into output_dir.
+PIPELINE_SET["scrub"] = ("paths", "output_dir")
+PIPELINE_SET["contamination"] = ("train", "eval", "report", "write_clean")
 DEFAULT_CONFIG = "pipeline_tiny.yaml"
 
 
@@ -68,6 +77,28 @@ class PipelineEvalArguments:
             raise ConfigError("generate_limit and clin_limit must be >= 0")
 
 
+@dataclass
+class PipelineContaminationArguments:
+    """The pipeline's own option of the `contamination:` section, next to `medtune data contamination` options."""
+
+    drop_contaminated: bool = field(
+        default=False, metadata={"help": "Train on copies of the training data without the records holding an "
+                                         "evaluation item (--write_clean). Default: only report them."})
+
+
+def contamination_types() -> tuple:
+    """`medtune data contamination`'s options, with the two the pipeline sets (train, eval) optional: the config
+    loader checks each YAML entry on its own, and a required option would fail every such check."""
+    from medtune.data.contamination import ContaminationArguments
+
+    @dataclass
+    class PipelineSetPaths(ContaminationArguments):
+        train: list[str] = field(default_factory=list, metadata={"help": "Set by the pipeline."})
+        eval: list[str] = field(default_factory=list, metadata={"help": "Set by the pipeline."})
+
+    return PipelineSetPaths, PipelineContaminationArguments
+
+
 def section_types(section: str) -> tuple:
     """The dataclasses a section is parsed with: those of the stage's own command."""
     from medtune.config import EvalArguments, MergeArguments, ModelArguments
@@ -78,17 +109,27 @@ def section_types(section: str) -> tuple:
         return import_module(f"medtune.stages.{section}").ARGUMENT_TYPES
     if section == "merge":
         return ModelArguments, MergeArguments
+    if section == "contamination":
+        return contamination_types()
+    if section == "scrub":
+        return ()  # `medtune data scrub` has only its inputs and output folder, both set by the pipeline
     return EvalArguments, PipelineEvalArguments
 
 
 def sections_help() -> str:
     """The epilog: where each section's options are documented, and the eval section's own options."""
-    own = [textwrap.fill(f"{f.name} (default {f.default!r}): {f.metadata['help']}", 100, initial_indent="  ",
-                         subsequent_indent="      ") for f in dataclasses.fields(PipelineEvalArguments)]
+    def own(dataclass_type) -> list[str]:
+        return [textwrap.fill(f"{f.name} (default {f.default!r}): {f.metadata['help']}", 100, initial_indent="  ",
+                              subsequent_indent="      ") for f in dataclasses.fields(dataclass_type)]
+
     intro = textwrap.fill("sections: pt, sft, dpo and merge take the options of `medtune pt|sft|dpo|merge --help`; "
                           "eval takes those of `medtune eval cmb-exam --help` (limit: CMB-Exam items; "
                           "max_new_tokens: the generation budget), plus:", 100)
-    return "\n".join([intro, *own])
+    data = textwrap.fill("optional steps before training (off unless named in stages: or given a section): "
+                         "`scrub: {}` trains every stage on scrubbed copies of its data (`medtune data scrub`); "
+                         "`contamination:` looks for the eval step's items in every stage's training data and "
+                         "takes the options of `medtune data contamination --help` (ngram, threshold), plus:", 100)
+    return "\n".join([intro, *own(PipelineEvalArguments), data, *own(PipelineContaminationArguments)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill("The whole path on one command: pt -> merge -> sft -> merge -> dpo -> merge -> eval, each stage "
                     "trained on the previous stage's merged model, then the base model and every stage's model "
                     "evaluated on the same items; writes pipeline_results.json, run_manifest.json, report.html and "
-                    "report.md. Without options it runs the bundled quickstart on the embedded tiny GLM-4 model. "
+                    "report.md. Optional steps before training: scrub (the stages train on scrubbed copies) and "
+                    "contamination (evaluation items found in the training data; reported, or dropped). "
+                    "Without options it runs the bundled quickstart on the embedded tiny GLM-4 model. "
                     "Re-running the same command skips finished stages and resumes an interrupted one; a stage "
                     "whose options or data files changed runs again with every stage after it, and the log says "
                     "what changed. Stage options on the command line name their section: --sft.learning_rate 1e-4.", 100),
@@ -156,7 +199,8 @@ def parse_plan(argv: list[str]) -> PipelinePlan:
     args, extra = build_parser().parse_known_args(argv)
     config_path = Path(args.config) if args.config else bundled_config(DEFAULT_CONFIG)
     top, sections = read_pipeline_yaml(config_path)
-    stages = top.get("stages", USER_STAGES)
+    # a data step's section switches it on, as naming it in `stages:` does
+    stages = [*top.get("stages", DEFAULT_STAGES), *(step for step in DATA_STEPS if step in sections)]
     return PipelinePlan(
         config_path=config_path,
         output_dir=Path(args.output_dir or top.get("output_dir") or "outputs/pipeline"),
@@ -179,6 +223,9 @@ def read_pipeline_yaml(path: Path) -> tuple[dict, dict[str, list]]:
         if key in SECTIONS:
             sections[key] = [(k, v, f"{path}:{n}: {key}") for k, v, n in (value or [])]
             refuse_pipeline_set(key, [(k, w) for k, _, w in sections[key]])
+            if key == "scrub":
+                for name, _, section_where in sections[key]:
+                    raise unknown_key_error(name, [], section_where)
         elif key in TOP_LEVEL:
             top[key] = value
         else:

@@ -9,7 +9,7 @@ import os
 import shutil
 
 from medtune.errors import MedtuneError
-from medtune.pipeline.config import PipelinePlan, parse_plan
+from medtune.pipeline.config import DATA_STEPS, PipelinePlan, parse_plan
 from medtune.pipeline.state import PipelineState, Progress
 
 logger = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 NOT_COMPARED = {"resume_from_checkpoint", "output_dir"}
 # Rough work units for the ETA, next to training's steps x batch: loading and saving a stage's model, a merge, and
 # evaluating one model.
-STAGE_UNITS, MERGE_UNITS, EVAL_UNITS_PER_MODEL = 60.0, 40.0, 150.0
+STAGE_UNITS, MERGE_UNITS, EVAL_UNITS_PER_MODEL, DATA_STEP_UNITS = 60.0, 40.0, 150.0, 20.0
 
 
 def options_record(*instances) -> dict:
@@ -63,17 +63,26 @@ class Pipeline:
     def _parse_sections(self) -> dict[str, tuple]:
         """Every enabled section parsed (and every evaluation file read) before anything runs: a typo in the eval
         section fails in a second, not after the training stages."""
-        sections = {stage: self.plan.parse(stage) for stage in self.plan.stages}
+        sections = {stage: self.plan.parse(stage) for stage in self.plan.stages if stage not in DATA_STEPS}
         sections["merge"] = self.plan.parse("merge", ["--lora_model", "-", "--output_dir", "-"])
-        if "eval" in sections:
-            from medtune.pipeline.evaluation import check_eval_inputs
+        from medtune.pipeline.evaluation import check_eval_inputs
 
-            check_eval_inputs(*sections["eval"])
+        if "contamination" in self.plan.stages:
+            sections["contamination"] = self.plan.parse("contamination", ["--train", "-", "--eval", "-"])
+            # contamination looks for the eval step's items even when that step does not run this time
+            sections["eval-sets"] = sections.get("eval") or self.plan.parse("eval")
+        for name in ("eval", "eval-sets"):
+            if name in sections:
+                check_eval_inputs(*sections[name])
+                break
         return sections
 
     def _work_units(self) -> dict[str, float]:
         units = {}
         for stage in self.plan.stages:
+            if stage in DATA_STEPS:
+                units[stage] = DATA_STEP_UNITS
+                continue
             if stage == "eval":
                 models = 1 + sum(s in ("pt", "sft", "dpo") for s in self.plan.stages)  # the base model + each stage's
                 units["eval"] = EVAL_UNITS_PER_MODEL * models
@@ -99,16 +108,35 @@ class Pipeline:
         from medtune.models.loader import resolve_model_path
 
         models = [("base", resolve_model_path(self.plan.model_name_or_path))]
+        training_data = self.run_data_steps()
         model_given = self.plan.model_name_or_path  # None: the embedded default, resolved by each command
         for stage in ("pt", "sft", "dpo"):
             if stage in self.plan.stages:
-                model_given = self.train(stage, model_given)
+                model_given = self.train(stage, model_given, training_data.get(stage))
                 models.append((stage, model_given))
         evaluations = self.evaluate(models) if "eval" in self.plan.stages else {}
         return self.write_outputs(models, evaluations)
 
-    def train(self, stage: str, model: str | None) -> str:
-        """Train `stage` on `model` (then merge its adapter); returns the model the next stage starts from."""
+    def run_data_steps(self) -> dict[str, str]:
+        """scrub, then contamination, when enabled; returns stage -> the data it trains on instead of its own
+        train_file_dir (empty when neither step replaces any)."""
+        from medtune.pipeline import data_safety
+
+        if not any(step in self.plan.stages for step in DATA_STEPS):
+            return {}
+        original = data_safety.training_sources(self.sections, self.plan.stages)
+        sources = dict(original)
+        if "scrub" in self.plan.stages:
+            sources = data_safety.scrub_step(self.state, sources)
+        if "contamination" in self.plan.stages:
+            sources = data_safety.contamination_step(self.state, self.plan, sources,
+                                                     data_safety.eval_sets(*self.sections["eval-sets"]),
+                                                     self.relative)
+        return {stage: path for stage, path in sources.items() if path != original[stage]}
+
+    def train(self, stage: str, model: str | None, train_data: str | None = None) -> str:
+        """Train `stage` on `model` (then merge its adapter), on `train_data` when a data step replaced its
+        train_file_dir; returns the model the next stage starts from."""
         from importlib import import_module
 
         from medtune.eval.runner import folder_fingerprint
@@ -118,6 +146,7 @@ class Pipeline:
         module = import_module(f"medtune.stages.{stage}")
         folder = self.state.folder(stage)
         tokens = ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]
+        tokens += ["--train_file_dir", train_data] if train_data else []
         configs = self.plan.parse(stage, tokens + (["--model_name_or_path", model] if model else []))
         validate_data(stage, configs)
         start = resolve_model_path(model)  # its weights changing in place (same path) also means a re-run

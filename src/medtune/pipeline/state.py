@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "pipeline_state.json"
 # The folder each step writes; eval's is kept when the step runs again: `medtune eval` reuses the answers of a
 # model whose weights (fingerprint) and options are unchanged, and sets the others aside itself.
-FOLDERS = {"pt": "pt", "merge-pt": "merged-pt", "sft": "sft", "merge-sft": "merged-sft", "dpo": "dpo",
+FOLDERS = {"scrub": "scrubbed", "contamination": "contamination", "pt": "pt", "merge-pt": "merged-pt", "sft": "sft", "merge-sft": "merged-sft", "dpo": "dpo",
            "merge-dpo": "merged-dpo", "eval": "eval"}
 KEPT_ON_RERUN = {"eval"}
 
@@ -121,10 +121,12 @@ class PipelineState:
         finished = any(step["finished"] for step in self.steps.values())
         return finished or any(self.out.glob("*/checkpoint-*"))
 
-    def run(self, name: str, record: dict, work: Callable[[], dict | None], resumable: bool) -> bool:
+    def run(self, name: str, record: dict, work: Callable[[], dict | None], resumable: bool,
+            invalidates_later: bool = True) -> bool:
         """Run `work` as step `name` unless it already finished with this record (returns whether it ran). An
         interrupted step resumes when `resumable` (training continues from its last checkpoint); anything else
-        starts from scratch. What `work` returns is kept in the step's entry."""
+        starts from scratch. What `work` returns is kept in the step's entry. A step whose output every later step
+        records by content (`invalidates_later=False`) leaves them to compare their own records."""
         reason = self.reason_to_run(name, record)
         if reason is None:
             logger.info("%s: already finished in %s with the same options and data, skipping", name,
@@ -139,7 +141,7 @@ class PipelineState:
         elif reason != "first run":
             logger.warning("%s: running again from scratch (%s); later stages follow", name, reason)
         if not resume:
-            self.forget_from(name)
+            self.forget_from(name) if invalidates_later else self.forget(name)
         self.steps[name] = {"record": record, "finished": False}
         self._save()
         if self.progress:
@@ -162,6 +164,11 @@ class PipelineState:
                 shutil.rmtree(self.folder(later), ignore_errors=True)
             if self.steps.pop(later, None) is not None and (later != name or why):
                 self.invalidated_by[later] = why or f"{name} ran again"
+        self._save()
+
+    def forget(self, name: str) -> None:
+        shutil.rmtree(self.folder(name), ignore_errors=True)
+        self.steps.pop(name, None)
         self._save()
 
     def _save(self) -> None:

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
+from medtune.pipeline.config import DATA_STEPS
 from medtune.pipeline.state import FOLDERS, PipelineState, file_sha256
 
 STAGE_DATA_KIND = {"pt": "text", "sft": "sft", "dpo": "preference"}
@@ -20,13 +21,18 @@ STAGE_DEFAULT_DATA = {"pt": "pretrain", "sft": "finetune", "dpo": "reward"}
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "medtune")
 
 
-def data_locations(stage: str, data_args) -> list[str]:
+def train_location(stage: str, data_args) -> str | None:
+    """The file or folder the stage trains on; None for a Hugging Face dataset (`dataset_name`)."""
     from medtune.paths import bundled_data_dir
 
     if getattr(data_args, "dataset_name", None):
-        return [data_args.validation_file_dir] if data_args.validation_file_dir else []
-    train = data_args.train_file_dir or str(bundled_data_dir(STAGE_DEFAULT_DATA[stage]))
-    return [train] + ([data_args.validation_file_dir] if data_args.validation_file_dir else [])
+        return None
+    return data_args.train_file_dir or str(bundled_data_dir(STAGE_DEFAULT_DATA[stage]))
+
+
+def data_locations(stage: str, data_args) -> list[str]:
+    train = train_location(stage, data_args)
+    return ([train] if train else []) + ([data_args.validation_file_dir] if data_args.validation_file_dir else [])
 
 
 def data_files(stage: str, data_args) -> list[Path]:
@@ -114,6 +120,8 @@ def pipeline_results(plan, state: PipelineState, models: list[tuple[str, str]], 
         "training": {stage: training_entry(state, stage) for stage in trained},
         "evaluations": evaluations,
         "data": [entry for stage in trained for entry in state.steps[stage].get("data", [])],
+        "data_safety": {step: state.steps[step]["summary"] for step in DATA_STEPS
+                        if step in plan.stages and "summary" in state.steps.get(step, {})},
         "stages_wall_s": {name: step["wall_s"] for name, step in state.steps.items() if "wall_s" in step},
     }
 

@@ -10,10 +10,12 @@ from medtune.reporting.content import STAGE_TITLES, Report, item_sets
 from medtune.reporting.tables import (
     Table,
     comparison_table,
+    contaminated_table,
     data_table,
     key_value_table,
     models_table,
     safety_table,
+    scrub_files_table,
     training_table,
     wall_time_table,
 )
@@ -148,10 +150,20 @@ def data(report: Report, charts: bool) -> Section:
 
 
 def data_safety(report: Report) -> Section:
+    """Each data step's summary as key/value rows; the pipeline's per-file scrub counts and contaminated items
+    (DATA_SAFETY_TABLES) as tables of their own."""
     section = Section("data-safety", "Data safety")
     for name, summary in report.data_safety.items():
-        section.blocks += [Heading(str(name)), key_value_table(summary)]
+        section.blocks.append(Heading(str(name)))
+        tables = {key: table(summary[key]) for key, table in DATA_SAFETY_TABLES.items()
+                  if isinstance(summary, dict) and key in summary}
+        tables = {key: table for key, table in tables.items() if table is not None}
+        rest = {k: v for k, v in summary.items() if k not in tables} if isinstance(summary, dict) else summary
+        section.blocks += [key_value_table(rest), *tables.values()]
     return section
+
+
+DATA_SAFETY_TABLES = {"files": scrub_files_table, "contaminated": contaminated_table}
 
 
 def wall_time(report: Report) -> Section:

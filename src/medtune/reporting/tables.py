@@ -104,6 +104,31 @@ def data_table(report: Report) -> Table:
     return table
 
 
+def scrub_files_table(files) -> Table | None:
+    """{file: {"records": n, kind: count, ...}} -> one row per file, one column per kind found anywhere; None for
+    any other shape (shown as key/value rows instead)."""
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return None
+    kinds = list(dict.fromkeys(k for counts in files.values() for k in counts if k != "records"))
+    table = Table(["file", "records", *kinds], numeric=set(range(1, len(kinds) + 2)))
+    for path, counts in files.items():
+        table.rows.append([path, *(str(counts.get(k, 0)) for k in ("records", *kinds))])
+    return table
+
+
+def contaminated_table(items) -> Table | None:
+    """[{"id", "eval_file", "matches": [{"train": "file:line", "overlap"}]}] -> one row per training record holding
+    an evaluation item; None for any other shape."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "matches" in i for i in items):
+        return None
+    table = Table(["eval id", "eval file", "training record", "overlap"], numeric={3})
+    for item in items:
+        for match in item["matches"]:
+            table.rows.append([str(item.get("id")), str(item.get("eval_file")), str(match.get("train")),
+                               _plain(match.get("overlap"))])
+    return table
+
+
 def key_value_table(value) -> Table:
     return Table(["key", "value"], [[key or "(value)", _plain(leaf)] for key, leaf in flatten(value)])
 
