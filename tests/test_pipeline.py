@@ -94,6 +94,36 @@ def test_pipeline_trains_every_stage_on_the_previous_one_and_evaluates_every_mod
 
 
 @pytest.mark.slow
+def test_the_pipeline_report_opens_in_a_browser_with_every_chart_and_every_model(finished, browser):
+    """The report of a real run (not a hand-built one): every chart loads, no console error, and the models table
+    has a value for base, pt, sft and dpo on every measure the run evaluated."""
+    from selenium.webdriver.common.by import By
+
+    out, _ = finished
+    browser.get_log("browser")  # drop messages from earlier pages
+    browser.get((out / "report.html").resolve().as_uri())
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 6  # accuracy per type and per set, ppl/clin, curves of three stages, data histograms
+    for image in images:
+        complete, width, shown = browser.execute_script(
+            "const i = arguments[0]; return [i.complete, i.naturalWidth, i.getBoundingClientRect().width];", image)
+        assert complete and width > 0 and shown > 0, image.get_attribute("alt")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    table = browser.find_element(By.XPATH, "//h2[text()='Models compared']/following::table[1]")
+    header = [cell.text for cell in table.find_elements(By.TAG_NAME, "th")]
+    assert [h for h in header if h in ("base", "pt", "sft", "dpo")] == ["base", "pt", "sft", "dpo"]
+    columns = [header.index(name) for name in ("base", "pt", "sft", "dpo")]
+    rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in table.find_elements(By.TAG_NAME, "tr")[1:]]
+    measures = [row[0] for row in rows]
+    for wanted in ("CMB-Exam: overall (%)", "drug-safety probe: overall (%)", "CMB-Clin ROUGE-L F1",
+                   "held-out perplexity (lower is better)"):
+        assert wanted in measures
+    for row in rows:
+        assert all(row[i] not in ("", "–") for i in columns), row
+
+
+@pytest.mark.slow
 def test_an_identical_rerun_skips_every_step_and_leaves_the_outputs_untouched(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     before = {folder: file_stamps(out / folder) for folder in (*FOLDERS, "eval")}
