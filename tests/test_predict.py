@@ -141,7 +141,7 @@ def test_backend_vllm_without_vllm_or_a_gpu_is_one_line_and_exit_2(glm4_dir, tmp
                  "--backend", "vllm"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("medtune: error: --backend vllm: ") and err[0].endswith("use --backend hf "
+    assert err[0].startswith("medtune: error: --backend vllm needs ") and err[0].endswith("use --backend hf "
                                                                                       "(transformers) instead")
     assert [path.name for path in tmp_path.iterdir()] == ["in.jsonl"]  # nothing written
 
@@ -174,7 +174,7 @@ def test_vllm_backend_is_given_the_rendered_token_ids_stop_ids_seed_and_adapter(
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
     monkeypatch.setitem(sys.modules, "vllm.lora.request", fake.lora)
-    monkeypatch.setattr(module, "vllm_missing", lambda: None)
+    monkeypatch.setattr(module, "require_vllm", lambda: None)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))

@@ -32,3 +32,15 @@ def require_package(module: str, option: str) -> None:
     if not is_installed(module):
         raise ConfigError(f"{option} needs the {OPTIONAL_PACKAGES[module][0]} package, which is not installed: "
                           f"{install_hint(module)}")
+
+
+def require_vllm() -> None:
+    """`--backend vllm` (serve, predict): the vllm package and a CUDA GPU, else one line naming what is missing."""
+    if not is_installed("vllm"):
+        missing = f"the vllm package, which is not installed ({install_hint('vllm')})"
+    else:
+        import torch
+
+        missing = None if torch.cuda.is_available() else "a CUDA GPU, and none is visible"
+    if missing:
+        raise ConfigError(f"--backend vllm needs {missing}; use --backend hf (transformers) instead")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.data.outputs import check_output_file
-from medtune.data.readers import data_files, raise_if_problems, utf8_problem
+from medtune.data.readers import data_files, raise_if_problems, read_whole_text
 from medtune.data.records import SINGLE_CHOICE, RecordProblem, to_exam_item
 from medtune.errors import DataError, Problem
 
@@ -61,11 +61,8 @@ def csv_rows(path: Path, problems: list[Problem]) -> Iterator[tuple[int, list[st
 
     The file is decoded whole first (one subject's CSV is small), so a file that is not UTF-8 (GBK, as Excel saves
     Chinese CSV) is one problem at the line of its first bad byte, and no row of it is read."""
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is fine
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        problems.append(utf8_problem(path, raw, exc))
+    text = read_whole_text(path, problems)
+    if text is None:
         return
     reader = csv.reader(io.StringIO(text, newline=""))
     start = 1

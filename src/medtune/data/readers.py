@@ -124,16 +124,23 @@ def _read_json_array(path: Path, text: str, problems: list[Problem]) -> Iterator
     yield from zip(_array_element_lines(text), records)
 
 
+def read_whole_text(path: Path, problems: list[Problem]) -> str | None:
+    """The file's text, decoded whole (a UTF-8 byte-order mark is fine); None, with one problem at the line of the
+    first bad byte, when it is not UTF-8."""
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(utf8_problem(path, raw, exc))
+        return None
+
+
 def read_json_records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
     """Records of a JSON Lines file, or of a .json file holding one array of records (or JSON Lines)."""
     if is_json_array(path):
-        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is fine
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append(utf8_problem(path, raw, exc))
-            return
-        yield from _read_json_array(path, text, problems)
+        text = read_whole_text(path, problems)
+        if text is not None:
+            yield from _read_json_array(path, text, problems)
         return
     for number, line in decode_lines(path, problems):
         if not line.strip():

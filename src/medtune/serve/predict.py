@@ -17,6 +17,7 @@ from medtune.data.loading import empty_file_problem
 from medtune.data.readers import raise_if_problems, read_json_records
 from medtune.data.records import PROMPT_FORMATS, Prompt, RecordProblem, detect_prompt_format, to_prompt
 from medtune.errors import ConfigError, DataError, Problem
+from medtune.optional import require_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +84,6 @@ class TransformersGenerator:
         return [texts[k:k + n] for k in range(0, len(texts), n)]
 
 
-def vllm_missing() -> str | None:
-    """Why vLLM cannot run here (None: it can)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return "the vllm package is not installed (pip install vllm)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "vLLM needs a CUDA GPU and none is visible"
-    return None
-
-
 def lora_rank(adapter: str) -> int:
     config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     return int(config.get("r", 8))
@@ -143,9 +131,8 @@ class VLLMGenerator:
 
 
 def require_backend(backend: str) -> None:
-    missing = vllm_missing() if backend == "vllm" else None
-    if missing:
-        raise ConfigError(f"--backend vllm: {missing}; use --backend hf (transformers) instead")
+    if backend == "vllm":
+        require_vllm()
 
 
 def make_generator(model_args, adapter_args, generation_args, predict_args):

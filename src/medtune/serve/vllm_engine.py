@@ -10,23 +10,11 @@ requests in flight together itself.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import uuid
 from pathlib import Path
 
-from medtune.errors import ConfigError
+from medtune.optional import require_vllm
 from medtune.serve.engine import EngineStats, Finished, SamplingOptions
-
-
-def require_vllm() -> None:
-    """A clear error (exit 2) where vLLM cannot run: not installed, or no CUDA GPU."""
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("--backend vllm needs the vllm package (pip install vllm, on a machine with a CUDA GPU); "
-                          "or use --backend hf")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("--backend vllm needs a CUDA GPU, and none is visible; use --backend hf")
 
 
 class VllmGeneration:
