@@ -292,3 +292,24 @@ def test_throughput_benchmark_finds_the_planted_records_on_every_path():
     assert [(r["path"], r["records"], r["matches"]) for r in rows[1:5]] == [
         ("read_only", 2000, 0), ("numpy_batch", 2000, 20), ("builtin_hash", 2000, 20), ("rolling_hash", 2000, 20)]
     assert rows[-1]["records_per_s"] > 0
+
+
+def test_a_config_file_sets_options_while_the_required_paths_come_from_the_command_line(tmp_path):
+    """`--config c.yaml` with only `threshold` (train and eval are required options given on the command line): the
+    config's value is used. Before the loader checked entries without the required options, every entry failed."""
+    items = cmb_items()
+    train = tmp_path / "train.jsonl"
+    # a lightly edited copy: its overlap lies between the default threshold and the config's
+    edited = verbatim(items["test-011"])
+    train.write_text(json.dumps({"text": edited[: len(edited) // 3]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    argv = ["data", "contamination", "--train", str(train), "--eval", str(CMB / "test.json")]
+
+    def contaminated(*extra: str) -> list[str]:
+        report = tmp_path / f"r{len(extra)}.json"
+        assert medtune_main([*argv, "--report", str(report), *extra]) == 0
+        return [c["id"] for c in json.loads(report.read_text(encoding="utf-8"))["contaminated"]]
+
+    config = tmp_path / "c.yaml"
+    config.write_text("threshold: 0.05\n", encoding="utf-8")
+    assert contaminated() == []  # a third of the item stays under the default 0.3
+    assert contaminated("--config", str(config)) == ["test-011"]

@@ -10,6 +10,7 @@ reported with the file, line and option.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -128,6 +129,19 @@ def _value_tokens(key: str, value: Any) -> list[str]:
     return [f"--{key}={text}"]  # one token, so a value starting with '-' is not taken for an option
 
 
+@contextlib.contextmanager
+def _nothing_required(parser: argparse.ArgumentParser):
+    """Check one config entry on its own: options marked required are not required while it is parsed."""
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        yield
+    finally:
+        for action in required:
+            action.required = True
+
+
 def _yaml_to_tokens(entries: list[tuple[str, Any, str]], dataclass_types,
                     parser: HfArgumentParser) -> tuple[list[str], dict[str, None]]:
     """Command-line tokens for a config's (key, value, where) entries, each checked on its own so a bad value is
@@ -150,7 +164,8 @@ def _yaml_to_tokens(entries: list[tuple[str, Any, str]], dataclass_types,
             raise ConfigError(f"{where}: {key}: expects one value, got a list")
         entry = _value_tokens(key, value)
         try:
-            _, left = parser.parse_known_args(entry)
+            with _nothing_required(parser):  # a required option set on the command line is absent from `entry`
+                _, left = parser.parse_known_args(entry)
         except argparse.ArgumentError as exc:
             raise ConfigError(f"{where}: {key}: {exc.message}") from None
         if left:

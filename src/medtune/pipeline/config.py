@@ -87,8 +87,8 @@ class PipelineContaminationArguments:
 
 
 def contamination_types() -> tuple:
-    """`medtune data contamination`'s options, with the two the pipeline sets (train, eval) optional: the config
-    loader checks each YAML entry on its own, and a required option would fail every such check."""
+    """`medtune data contamination`'s options, with the two the pipeline sets itself (train, eval) optional: they are
+    refused in the section and filled in after parsing."""
     from medtune.data.contamination import ContaminationArguments
 
     @dataclass
