@@ -119,9 +119,9 @@ def run_chat(model_args, adapter_args, generation_args, chat_args, out=None) -> 
     conversation = Conversation(chat_args.system_prompt)
     out.write(f"medtune chat · {backend.name}\n{NOTICE}\n{HELP}\n")
     while True:
-        out.write(">>> ")  # written here, not by input(), which sends it to stderr when stdin is a terminal
-        out.flush()
-        try:
+        try:  # the prompt inside: a Ctrl-C just as it appears also ends the chat cleanly
+            out.write(">>> ")  # written here, not by input(), which sends it to stderr when stdin is a terminal
+            out.flush()
             line = input().strip()
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
