@@ -15,6 +15,8 @@ from medtune.cli import main
 from medtune.errors import MedtuneError
 from medtune.eval.backends import EndpointBackend, openai_base_url
 
+from .conftest import send_json
+
 ANSWER = "逐项分析后，所以答案是C。"
 
 
@@ -37,12 +39,7 @@ class ScriptedServer(BaseHTTPRequestHandler):
                                  "message": {"role": "assistant", "content": ANSWER}}]}
         else:
             body = {"error": {"message": f"scripted {status}", "type": "test", "code": status}}
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     def log_message(self, *args):
         pass

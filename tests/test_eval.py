@@ -19,7 +19,7 @@ from medtune.data.loading import load_records
 from medtune.data.records import AnswerKey
 from medtune.eval.cmb import extract_answer, item_messages, item_prompt, score
 
-from .conftest import REPO, run_medtune
+from .conftest import REPO, run_medtune, send_json
 
 CMB = REPO / "data" / "eval" / "cmb"
 
@@ -202,12 +202,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         payload = {"choices": [{"message": {"role": "assistant", "content": self.answer(body)}}]}
-        data = json.dumps(payload, ensure_ascii=False).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, payload)
 
     def log_message(self, *args):
         pass
