@@ -130,7 +130,7 @@ def test_a_prediction_line_cut_by_a_kill_is_predicted_again(glm4_dir, tmp_path, 
     cut_at = encoded.index("答".encode()) + 1 if cut == "mid UTF-8 character" else encoded.index(b'"scores"')
     (out / "predictions.jsonl").write_bytes(b"".join(lines[:-1]) + encoded[:cut_at])
 
-    with caplog.at_level(logging.WARNING, logger="medtune.eval.runner"):
+    with caplog.at_level(logging.WARNING, logger="medtune.data.resume"):
         exam(glm4_dir, out)
     assert "1 unreadable line(s) dropped" in caplog.text
     text = (out / "predictions.jsonl").read_bytes()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medtune.data.loading import load_records
 from medtune.data.readers import raise_if_problems
+from medtune.data.resume import progress
 from medtune.errors import ConfigError
 from medtune.eval.runner import (
     append_predictions,
@@ -25,7 +26,6 @@ from medtune.eval.runner import (
     make_backend,
     model_settings,
     open_run,
-    progress,
     repeated_ids,
 )
 from medtune.paths import bundled_data_dir

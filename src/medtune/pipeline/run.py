@@ -139,7 +139,7 @@ class Pipeline:
         train_file_dir; returns the model the next stage starts from."""
         from importlib import import_module
 
-        from medtune.eval.runner import folder_fingerprint
+        from medtune.data.resume import folder_fingerprint
         from medtune.models.loader import resolve_model_path
         from medtune.pipeline.summary import data_files, data_summary, digests
 
@@ -181,7 +181,7 @@ class Pipeline:
         return str(merged)
 
     def evaluate(self, models: list[tuple[str, str]]) -> dict:
-        from medtune.eval.runner import folder_fingerprint
+        from medtune.data.resume import folder_fingerprint
         from medtune.pipeline.evaluation import eval_input_files, evaluate_model
         from medtune.pipeline.summary import digests
 

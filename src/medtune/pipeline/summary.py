@@ -153,7 +153,7 @@ def package_versions() -> dict[str, str | None]:
 def run_manifest(plan, state: PipelineState, models: list[tuple[str, str]], argv: list[str], git: dict | None) -> dict:
     """Everything needed to say what ran: per step its effective options, input files and sha256, wall time and
     peak memory; package versions; git revision; the models' fingerprints."""
-    from medtune.eval.runner import folder_fingerprint
+    from medtune.data.resume import folder_fingerprint
 
     steps = {name: {"folder": str(state.out / FOLDERS[name]), "finished": step["finished"], **step["record"],
                     "wall_s": step.get("wall_s"), "peak_rss_mb": step.get("peak_rss_mb")}

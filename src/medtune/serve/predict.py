@@ -16,6 +16,15 @@ from pathlib import Path
 from medtune.data.loading import empty_file_problem
 from medtune.data.readers import raise_if_problems, read_json_records
 from medtune.data.records import PROMPT_FORMATS, Prompt, RecordProblem, detect_prompt_format, to_prompt
+from medtune.data.resume import (
+    append_lines,
+    changed_settings,
+    folder_fingerprint,
+    progress,
+    read_predictions,
+    read_settings,
+    write_atomically,
+)
 from medtune.errors import ConfigError, DataError, Problem
 from medtune.optional import require_vllm
 
@@ -142,12 +151,6 @@ def make_generator(model_args, adapter_args, generation_args, predict_args):
     return TransformersGenerator(model_args, adapter_args.adapter_name_or_path, predict_args.batch_size)
 
 
-def append_lines(path: Path, records: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        handle.flush()
-
-
 def run_settings(model_args, adapter_args, generation_args, predict_args) -> dict:
     """What the replies depend on: the model, adapter and template (with a fingerprint of their weights), the
     device, the backend and every decoding option; batch size is left out (it changes no greedy reply's tokens
@@ -156,7 +159,6 @@ def run_settings(model_args, adapter_args, generation_args, predict_args) -> dic
 
     import torch
 
-    from medtune.eval.runner import folder_fingerprint
     from medtune.models.loader import resolve_model_path
 
     model, adapter = resolve_model_path(model_args.model_name_or_path), adapter_args.adapter_name_or_path
@@ -170,14 +172,11 @@ def run_settings(model_args, adapter_args, generation_args, predict_args) -> dic
 def check_same_settings(output: Path, settings: dict, answered: int) -> None:
     """Refuse to append replies made another way to an output that already holds some (the file is the user's:
     it is neither mixed nor moved); record the settings of a new output beside it (`OUTPUT.settings.json`)."""
-    from medtune.eval.runner import read_settings, write_atomically
-
     settings_file = output.with_name(output.name + ".settings.json")
     previous = read_settings(settings_file)
     if answered and previous is not None and previous != settings:
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         raise ConfigError(f"{output}: its {answered} replies were made with other settings (changed: "
-                          f"{', '.join(changed)}; see {settings_file.name}); resume with the same options or "
+                          f"{', '.join(changed_settings(previous, settings))}; see {settings_file.name}); resume with the same options or "
                           "choose another --output")
     if previous != settings:
         write_atomically(settings_file, json.dumps(settings, indent=2, ensure_ascii=False).encode())
@@ -185,8 +184,6 @@ def check_same_settings(output: Path, settings: dict, answered: int) -> None:
 
 def run_predict(model_args, adapter_args, generation_args, predict_args) -> int:
     """Answer every prompt not yet in the output; returns how many lines were written."""
-    from medtune.eval.runner import progress, read_predictions
-
     prompts = read_prompts(predict_args.input)  # bad input stops here, before a model loads or a file is written
     require_backend(predict_args.backend)
     output = Path(predict_args.output).expanduser()
