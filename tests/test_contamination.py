@@ -220,8 +220,9 @@ def test_overlap_is_the_share_of_the_items_ngrams_in_the_record():
 
 
 @pytest.mark.parametrize("indent, line", [(1, 5), (None, 1)])
-def test_a_json_array_training_file_is_written_without_the_contaminated_element(tmp_path, indent, line):
-    """Elements are dropped by their index: a compact array (json.dump without indent) has every one on line 1."""
+def test_a_json_array_training_file_is_written_without_the_contaminated_element(tmp_path, indent, line, capsys):
+    """Elements are dropped by their index: a compact array (json.dump without indent) has every one on line 1, so
+    the printed table names the element too."""
     items = cmb_items()
     records = [{"text": "高血压患者应低盐饮食，每日食盐摄入量不超过5克。"}, {"text": verbatim(items["test-011"])},
                {"text": "糖尿病患者应定期监测血糖。"}]
@@ -234,6 +235,8 @@ def test_a_json_array_training_file_is_written_without_the_contaminated_element(
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert [(c["id"], c["matches"][0]["train"], c["matches"][0]["record"]) for c in report["contaminated"]] == [
         ("test-011", f"{train}:{line}", 1)]
+    rows = [row.split() for row in capsys.readouterr().out.splitlines() if row.startswith("test-")]
+    assert rows == [["test-011", "1.000", f"{train}:{line}[#1]", str(CMB / "test.json")]]
     assert (report["contaminated_records"], report["clean"]["records_removed"], report["clean"]["records_kept"]) == \
         (1, 1, 2)
     assert json.loads((tmp_path / "clean" / "docs.json").read_text(encoding="utf-8")) == [records[0], records[2]]

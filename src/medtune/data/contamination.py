@@ -268,6 +268,7 @@ class Scan:
     files: list[Path] = field(default_factory=list)
     records: int = 0
     matches: list[Match] = field(default_factory=list)
+    arrays: set[str] = field(default_factory=set)  # files that are one .json array: records told apart by position
 
 
 def scan_training(index: EvalIndex, locations: list[str], threshold: float, batch_size: int = 256) -> Scan:
@@ -284,6 +285,8 @@ def scan_training(index: EvalIndex, locations: list[str], threshold: float, batc
         batch.clear()
 
     for path in scan.files:
+        if is_json_array(path):
+            scan.arrays.add(str(path))
         for entry in iter_records(path, problems):
             if isinstance(entry.record, AnswerKey):
                 problems.append(Problem(str(path), entry.line, None, "an answer key is not training data"))
@@ -357,8 +360,15 @@ def build_report(args: ContaminationArguments, index: EvalIndex, scan: Scan, rem
     return report
 
 
-def print_table(report: dict) -> None:
-    rows = [(item["id"], f"{match['overlap']:.3f}", match["train"], item["eval_file"])
+def table_location(match: dict, arrays: set[str]) -> str:
+    """`file:line` of a matching record, and for an element of a .json array also `[#N]`, its position in the
+    array (counted from 0, the report's "record"): a one-line array has every element on line 1."""
+    in_array = match["train"].rpartition(":")[0] in arrays
+    return f"{match['train']}[#{match['record']}]" if in_array else match["train"]
+
+
+def print_table(report: dict, arrays: set[str]) -> None:
+    rows = [(item["id"], f"{match['overlap']:.3f}", table_location(match, arrays), item["eval_file"])
             for item in report["contaminated"] for match in item["matches"]]
     if rows:
         header = ("eval id", "overlap", "training record", "eval file")
@@ -388,7 +398,7 @@ def run_contamination(args: ContaminationArguments) -> dict:
     report = build_report(args, index, scan, removed)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    print_table(report)
+    print_table(report, scan.arrays)
     print(f"report: {args.report}")
     return report
 
