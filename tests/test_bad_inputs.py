@@ -540,16 +540,51 @@ def test_bad_input(case: Case, tmp_path: Path, env: dict):
             assert after == before
 
 
-def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
+def oserror_enospc():
     import errno
 
+    return OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+
+
+def safetensors_enospc():
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("error, named", [(oserror_enospc, "/out/model.safetensors"),
+                                          (safetensors_enospc, "writing output")])  # safetensors names no file
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys, error, named):
     from medtune import cli
 
     def write_on_a_full_disk(argv):
-        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+        raise error()
 
     monkeypatch.setitem(cli.COMMANDS, "merge", (write_on_a_full_disk, ""))
     monkeypatch.setattr(cli, "setup_logging", lambda: None)
     assert cli.main(["merge"]) == 2
-    assert capsys.readouterr().err == ("medtune: error: /out/model.safetensors: No space left on device; free space "
+    assert capsys.readouterr().err == (f"medtune: error: {named}: No space left on device; free space "
                                        "(or choose another --output_dir) and run again\n")
+
+
+def test_only_a_full_disk_becomes_one_line_other_errors_keep_their_traceback(monkeypatch):
+    from medtune import cli
+    from medtune.errors import MedtuneError, failed_write_reported
+
+    def fail_with(error):
+        def command(argv):
+            raise error
+        monkeypatch.setitem(cli.COMMANDS, "merge", (command, ""))
+
+    monkeypatch.setattr(cli, "setup_logging", lambda: None)
+    for bug in (PermissionError(13, "Permission denied", "/out/x"), RuntimeError("a bug")):
+        fail_with(bug)
+        with pytest.raises(type(bug)):
+            cli.main(["merge"])
+    explained = MedtuneError("/out/model.safetensors: no space left on device while saving the merged model")
+    with pytest.raises(MedtuneError) as failure, failed_write_reported(lambda exc: "never used"):
+        raise explained  # already one line that says more: passed on as it is
+    assert failure.value is explained
+    with pytest.raises(MedtuneError, match="^/out/x: Permission denied$"), failed_write_reported(
+            lambda exc: f"{exc.filename}: {exc.strerror}", any_os_error=True):
+        raise PermissionError(13, "Permission denied", "/out/x")

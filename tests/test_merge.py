@@ -1,6 +1,7 @@
 """`medtune merge`: the merged model reproduces base+adapter logits in the base's dtype, carries the chat template's
 stop ids, refuses adapters of another model and never leaves a half-written folder."""
 
+import collections
 import dataclasses
 import errno
 import json
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medtune import cli
 from medtune.config import MergeArguments, ModelArguments
+from medtune.stages.merge import staging_dir
 
 from .conftest import run_medtune
 
@@ -330,12 +332,16 @@ def test_disk_full_while_saving(failure, trained_adapter, tmp_path, monkeypatch,
                               'space left on device" })')
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**39, 5 * 2**30))
     out = tmp_path / "merged"
     code, err = merge("--lora_model", trained_adapter, "--output_dir", out, capsys=capsys)
     size = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(
         json.loads((trained_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]).parameters())
-    assert_one_line_error(code, err, "model.safetensors: no space left on device",
-                          f"needs about {size / 2**20:.1f} MB", "partial output was removed")
+    assert code == 2 and err.splitlines()[-1] == (
+        f"medtune: error: {staging_dir(out) / 'model.safetensors'}: no space left on device while saving the merged "
+        f"model (it needs about {size / 2**20:.1f} MB; 5.0 GB free now); the partial output was removed")
+    assert "Traceback" not in err and err.count("medtune: error:") == 1
     assert_nothing_left(out)
 
 

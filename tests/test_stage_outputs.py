@@ -4,6 +4,7 @@ and perplexity paths that must work on a plain base model."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -228,16 +229,18 @@ FULL = ["--use_peft", "false", "--max_steps", "4", "--save_steps", "2", "--valid
 @pytest.mark.parametrize("error", [no_space, safetensors_no_space])
 def test_disk_full_while_saving_a_checkpoint(glm4_dir, tmp_path, monkeypatch, error):
     fill_disk_when_saving(monkeypatch, "checkpoint-4", error)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**39, 3 * 2**20))
     with pytest.raises(MedtuneError) as failure:
         run_stage(pt, PT_TINY, glm4_dir, tmp_path, *FULL)
-    message = str(failure.value)
-    assert len(message.splitlines()) == 1 and failure.value.exit_code == 2
     named = tmp_path / "checkpoint-4" / "model.safetensors" if error is no_space else tmp_path / "checkpoint-4"
     # needed: the full model's float32 weights + Adam's two moments per weight
     weights = sum(t.numel() for t in load_file(str(glm4_dir / "model.safetensors")).values())
-    assert message.startswith(f"{named}: no space left on device (about {3 * 4 * weights / 2**20:.1f} MB needed, ")
-    assert f"the unfinished checkpoint-4 was removed, the previous checkpoint {tmp_path / 'checkpoint-2'} is intact" \
-        in message
+    assert str(failure.value) == (
+        f"{named}: no space left on device (about {3 * 4 * weights / 2**20:.1f} MB needed, 3.0 MB free); the "
+        f"unfinished checkpoint-4 was removed, the previous checkpoint {tmp_path / 'checkpoint-2'} is intact; free "
+        "some space and run again with --resume_from_checkpoint true")
+    assert failure.value.exit_code == 2
     assert not (tmp_path / "checkpoint-4").exists()
     assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
     assert (tmp_path / "checkpoint-2" / "model.safetensors").stat().st_size > 1000

@@ -3,12 +3,11 @@ when the command runs, so `medtune --help` starts instantly without importing to
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 
 from medtune import __version__
-from medtune.errors import ConfigError, MedtuneError
+from medtune.errors import ConfigError, MedtuneError, failed_write_reported, file_named_by
 
 
 def init_model(argv: list[str]) -> int:
@@ -218,18 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging()
     try:
-        return int(COMMANDS[command][0](rest) or 0)
+        # a full disk that no command explained more closely is still one line naming the file, as for bad input;
+        # any other error that is not a MedtuneError is a bug and keeps its traceback
+        with failed_write_reported(lambda exc: f"{file_named_by(exc, 'writing output')}: "
+                                   f"{getattr(exc, 'strerror', None) or 'No space left on device'}; free space (or "
+                                   "choose another --output_dir) and run again"):
+            return int(COMMANDS[command][0](rest) or 0)
     except MedtuneError as exc:
         for line in str(exc).splitlines():
             print(f"medtune: error: {line}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise  # anything else is a bug and keeps its traceback
-        # A full disk is the user's environment, not a bug: one line naming the file, as for bad input.
-        print(f"medtune: error: {exc.filename or 'writing output'}: {exc.strerror}; free space (or choose another "
-              "--output_dir) and run again", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("medtune: interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,6 @@ metrics (perplexity, token accuracy), early stopping and the result files a fini
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import math
@@ -18,7 +16,13 @@ from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medtune.config import save_effective_config
-from medtune.errors import ConfigError, MedtuneError
+from medtune.errors import (
+    ConfigError,
+    byte_size,
+    failed_write_reported,
+    file_named_by,
+    free_space,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,33 +228,17 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    # safetensors reports a full disk as its own SafetensorError carrying the OS message, not as an OSError
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return type(exc).__name__ == "SafetensorError" and "No space left on device" in str(exc)
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 2**20:.1f} MB"
-
-
-@contextlib.contextmanager
 def disk_full_reported(target: Path, partial: Path, needed: Callable[[], int], what_is_left: Callable[[], str]):
     """Turn a full disk while writing `target` into one line naming the file, the space needed and what is left;
     `partial` (the unfinished folder) is removed first so nothing half-written can be mistaken for a result.
     `needed` and `what_is_left` are only worked out when the disk is full."""
-    try:
-        yield
-    except Exception as exc:
-        if not _is_disk_full(exc):
-            raise
+    def describe(exc: BaseException) -> str:
         shutil.rmtree(partial, ignore_errors=True)
-        name = getattr(exc, "filename", None) or str(target)
-        free = shutil.disk_usage(next(p for p in (target, *target.parents) if p.exists())).free
-        raise MedtuneError(f"{name}: no space left on device (about {_megabytes(needed())} needed, "
-                           f"{_megabytes(free)} free); the unfinished {partial.name} was removed, {what_is_left()}; free "
-                           "some space and run again with --resume_from_checkpoint true") from None
+        return (f"{file_named_by(exc, target)}: no space left on device (about {byte_size(needed())} needed, "
+                f"{byte_size(free_space(target))} free); the unfinished {partial.name} was removed, {what_is_left()}; "
+                "free some space and run again with --resume_from_checkpoint true")
+
+    return failed_write_reported(describe)
 
 
 def _tensor_bytes(tensors) -> int:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import json
 import logging
@@ -24,7 +23,15 @@ import shutil
 from pathlib import Path
 
 from medtune.config import MergeArguments, ModelArguments
-from medtune.errors import ConfigError, MedtuneError
+from medtune.errors import (
+    ConfigError,
+    MedtuneError,
+    byte_size,
+    failed_write_reported,
+    file_named_by,
+    free_space,
+    is_disk_full,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,20 +274,6 @@ def publish(staging: Path, output_dir: Path) -> None:
     os.rename(staging, output_dir)
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
-
-
-def _disk_full(exc: BaseException) -> bool:
-    # safetensors reports a full disk as its own SafetensorError ("... code: 28, kind: StorageFull ...").
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc) \
-        or "StorageFull" in str(exc)
-
-
 def _newest_file(folder: Path) -> Path | None:
     files = [p for p in folder.rglob("*") if p.is_file()]
     return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
@@ -289,23 +282,19 @@ def _newest_file(folder: Path) -> Path | None:
 def check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise MedtuneError(f"{folder}: not enough disk space for the merged model (needs about {_human(needed)}, "
-                           f"{_human(free)} free); nothing was written")
+        raise MedtuneError(f"{folder}: not enough disk space for the merged model (needs about {byte_size(needed)}, "
+                           f"{byte_size(free)} free); nothing was written")
 
 
-@contextlib.contextmanager
 def explain_failed_write(staging: Path, needed: int):
     """A failed save (disk full above all) becomes one line naming the file being written and the space needed."""
-    try:
-        yield
-    except Exception as exc:
-        if not (_disk_full(exc) or isinstance(exc, OSError)):
-            raise
-        target = getattr(exc, "filename", None) or _newest_file(staging) or staging
-        reason = "no space left on device" if _disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
-        raise MedtuneError(f"{target}: {reason} while saving the merged model (it needs about {_human(needed)}; "
-                           f"{_human(shutil.disk_usage(staging.parent).free)} free now); the partial output was "
-                           "removed") from None
+    def describe(exc: BaseException) -> str:
+        target = file_named_by(exc, _newest_file(staging) or staging)
+        reason = "no space left on device" if is_disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
+        return (f"{target}: {reason} while saving the merged model (it needs about {byte_size(needed)}; "
+                f"{byte_size(free_space(staging.parent))} free now); the partial output was removed")
+
+    return failed_write_reported(describe, any_os_error=True)
 
 
 # -- the stage ----------------------------------------------------------------------------------------------------
