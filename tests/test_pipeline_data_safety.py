@@ -13,6 +13,10 @@ FAST = REPO / "tests" / "data" / "pipeline_fast.yaml"
 PHONE, NAME = "13812345678", "张伟"
 PII_LINE = {"conversations": [{"from": "human", "value": f"患者{NAME}，电话{PHONE}，最近总是头晕，需要做什么检查？"},
                               {"from": "gpt", "value": "建议先测量血压并查血常规。"}]}
+VALIDATION_PHONE, ID_NUMBER = "13900001111", "110105491231002"
+VALIDATION_PII_LINE = {"conversations": [
+    {"from": "human", "value": f"身份证号{ID_NUMBER}，电话{VALIDATION_PHONE}，咳嗽两周需要拍胸片吗？"},
+    {"from": "gpt", "value": "建议拍胸片并查血常规。"}]}
 
 
 def planted_cmb_record() -> tuple[str, dict]:
@@ -30,8 +34,13 @@ def write_config(tmp_path: Path, contamination: dict) -> Path:
     eval_id, leak = planted_cmb_record()
     lines += [json.dumps(PII_LINE, ensure_ascii=False), json.dumps(leak, ensure_ascii=False)]  # lines 5 and 6
     (data / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    validation = tmp_path / "sft_validation"
+    validation.mkdir()
+    (validation / "held_out.jsonl").write_text("\n".join([lines[0], json.dumps(VALIDATION_PII_LINE, ensure_ascii=False)])
+                                               + "\n", encoding="utf-8")
     config.update(stages=["sft"], scrub={}, contamination=contamination)
-    config["sft"].update(train_file_dir=str(data), max_steps=1, use_peft=False)  # no merge: seconds
+    config["sft"].update(train_file_dir=str(data), validation_file_dir=str(validation), max_steps=1,
+                         use_peft=False)  # no merge: seconds
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     return path
@@ -64,7 +73,8 @@ def test_sft_trains_on_the_scrubbed_copy_and_the_leaked_eval_item_is_reported(re
     trained = yaml.safe_load((out / "sft" / "medtune_config.yaml").read_text(encoding="utf-8"))
     assert Path(trained["train_file_dir"]) == scrubbed.parent
     manifest = read_json(out / "run_manifest.json")
-    assert manifest["steps"]["sft"]["inputs"] == {str(scrubbed): manifest["input_files_sha256"][str(scrubbed)]}
+    assert manifest["steps"]["sft"]["inputs"] == {str(path): manifest["input_files_sha256"][str(path)]
+                                                  for path in (scrubbed, scrubbed_validation(out))}
     import hashlib
 
     assert manifest["input_files_sha256"][str(scrubbed)] == hashlib.sha256(scrubbed.read_bytes()).hexdigest()
@@ -73,7 +83,9 @@ def test_sft_trains_on_the_scrubbed_copy_and_the_leaked_eval_item_is_reported(re
 
     safety = read_json(out / "pipeline_results.json")["data_safety"]
     source = str(config.parent / "sft_data" / "chats.jsonl")
-    assert safety["scrub"]["files"] == {f"sft: {source}": {"records": 6, "name": 1, "phone": 1}}
+    held_out = str(config.parent / "sft_validation" / "held_out.jsonl")
+    assert safety["scrub"]["files"] == {f"sft: {source}": {"records": 6, "name": 1, "phone": 1},
+                                        f"sft_validation: {held_out}": {"records": 2, "phone": 1, "id_card": 1}}
     eval_id = planted_cmb_record()[0]
     contamination = safety["contamination"]
     assert contamination["contaminated_items"] == 1 and contamination["drop_contaminated"] is False
@@ -81,8 +93,27 @@ def test_sft_trains_on_the_scrubbed_copy_and_the_leaked_eval_item_is_reported(re
         (eval_id, [f"{scrubbed}:6"])]
     report = (out / "report.md").read_text(encoding="utf-8")
     assert f"| {eval_id} | {REPO / 'data/eval/cmb/test.json'} | {scrubbed}:6 | 1.0000 |" in report
-    assert f"| sft: {source} | 6 | 1 | 1 |" in report and "| contaminated_items | 1 |" in report
+    assert f"| sft: {source} | 6 | 1 | 1 | 0 |" in report and "| contaminated_items | 1 |" in report
+    assert f"| sft_validation: {held_out} | 2 | 0 | 1 | 1 |" in report
     assert "contamination: 1 of" in result.stderr and "kept in the training data" in result.stderr
+
+
+def scrubbed_validation(out: Path) -> Path:
+    return out.resolve() / "scrubbed" / "sft_validation" / "held_out.jsonl"
+
+
+@pytest.mark.slow
+def test_sft_reads_its_validation_file_scrubbed_too(reported):
+    _, out, _ = reported
+    text = scrubbed_validation(out).read_text(encoding="utf-8")
+    assert VALIDATION_PHONE not in text and ID_NUMBER not in text
+    assert json.loads(text.splitlines()[1])["conversations"][0]["value"] == "身份证号[身份证号1]，电话[电话1]，咳嗽两周需要拍胸片吗？"
+    trained = yaml.safe_load((out / "sft" / "medtune_config.yaml").read_text(encoding="utf-8"))
+    assert Path(trained["validation_file_dir"]) == scrubbed_validation(out).parent
+    results = read_json(out / "pipeline_results.json")
+    assert [(entry["file"], entry["records"]) for entry in results["data"]] == [
+        (str(out.resolve() / "scrubbed" / "sft" / "chats.jsonl"), 6), (str(scrubbed_validation(out)), 2)]
+    assert results["data_safety"]["scrub"]["validated_on"] == {"sft": str(scrubbed_validation(out).parent)}
 
 
 @pytest.mark.slow

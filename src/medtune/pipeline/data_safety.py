@@ -1,7 +1,8 @@
 """The optional data steps before training, each recorded in pipeline_state.json like any other step:
 
 scrub          `medtune data scrub` of each training stage's data into `scrubbed/<stage>/`, which that stage then
-               trains on (its train_file_dir replaced)
+               trains on (its train_file_dir replaced), and of its validation_file_dir, when it has one, into
+               `scrubbed/<stage>_validation/`, which it then evaluates on
 contamination  `medtune data contamination` of the training data (scrubbed when scrub ran) against every set the
                eval step reads; with drop_contaminated the stages train on `contamination/clean/...`, copies without
                the records holding an evaluation item
@@ -45,6 +46,12 @@ def training_sources(sections: dict[str, tuple], stages: tuple[str, ...]) -> dic
     return sources
 
 
+def validation_sources(sections: dict[str, tuple], stages: tuple[str, ...]) -> dict[str, str]:
+    """stage -> its validation_file_dir, for every enabled training stage that has one."""
+    return {stage: sections[stage][2].validation_file_dir for stage in TRAINING_STAGES
+            if stage in stages and sections[stage][2].validation_file_dir}
+
+
 def eval_sets(eval_args, options) -> list[str]:
     """The item sets the eval step answers: CMB-Exam and CMB-Clin (eval data_dir), the safety probe, the general
     set. Perplexity text is not a set of items and is held out by pt itself."""
@@ -56,40 +63,50 @@ def eval_sets(eval_args, options) -> list[str]:
     return [str(location) for location in sets if location]
 
 
-def scrub_step(state, sources: dict[str, str]) -> dict[str, str]:
+def scrub_step(state, sources: dict[str, str], validation: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Scrub each stage's training and validation data; returns (stage -> scrubbed training data, stage ->
+    scrubbed validation data): a stage never reads either as it was."""
     from medtune.data.readers import data_files
     from medtune.data.scrub import REPORT_NAME, SUFFIXES, scrub_paths
     from medtune.pipeline.summary import digests
 
     folder = state.folder("scrub")
-    targets = {stage: folder / stage for stage in sources}
-    record = {"options": {}, "trains": sources, "inputs": digests(data_files(list(sources.values()), SUFFIXES))}
+    jobs = {**{stage: (source, folder / stage) for stage, source in sources.items()},
+            **{f"{stage}_validation": (source, folder / f"{stage}_validation") for stage, source in validation.items()}}
+    record = {"options": {}, "trains": sources, "validates": validation,
+              "inputs": digests(data_files([source for source, _ in jobs.values()], SUFFIXES))}
 
     def work() -> dict:
-        reports = {stage: scrub_paths([source], targets[stage], report_path=folder / f"{stage}_{REPORT_NAME}")
-                   for stage, source in sources.items()}
-        summary = scrub_summary(reports, targets)
+        reports = {job: scrub_paths([source], target, report_path=folder / f"{job}_{REPORT_NAME}")
+                   for job, (source, target) in jobs.items()}
+        summary = scrub_summary(reports, {stage: folder / stage for stage in sources},
+                                {stage: folder / f"{stage}_validation" for stage in validation})
         found = ", ".join(f"{kind} {count}" for kind, count in summary["replaced"].items() if count) or "nothing"
         logger.info("scrub: %d records, replaced %s; %s train on the scrubbed copies in %s", summary["records"],
                     found, ", ".join(sources), folder)
         return {"summary": summary}
 
     state.run("scrub", record, work, resumable=False)
-    return {stage: str(target) for stage, target in targets.items()}
+    return ({stage: str(folder / stage) for stage in sources},
+            {stage: str(folder / f"{stage}_validation") for stage in validation})
 
 
-def scrub_summary(reports: dict[str, dict], targets: dict[str, Path]) -> dict:
-    """Totals per kind, and per stage and file the kinds found (counts only: the values never leave the data)."""
+def scrub_summary(reports: dict[str, dict], trained_on: dict[str, Path], validated_on: dict[str, Path]) -> dict:
+    """Totals per kind, and per stage and file the kinds found (counts only: the values never leave the data);
+    a validation file is listed as `<stage>_validation: path`."""
     totals: dict[str, int] = {}
     files = {}
-    for stage, report in reports.items():
+    for job, report in reports.items():
         for kind, count in report["replaced"].items():
             totals[kind] = totals.get(kind, 0) + count
         for path, entry in report["files"].items():
-            files[f"{stage}: {path}"] = {"records": entry["records"],
-                                         **{kind: count for kind, count in entry["replaced"].items() if count}}
-    return {"records": sum(r["records"] for r in reports.values()), "replaced": totals, "files": files,
-            "trained_on": {stage: str(target) for stage, target in targets.items()}}
+            files[f"{job}: {path}"] = {"records": entry["records"],
+                                       **{kind: count for kind, count in entry["replaced"].items() if count}}
+    summary = {"records": sum(r["records"] for r in reports.values()), "replaced": totals, "files": files,
+               "trained_on": {stage: str(target) for stage, target in trained_on.items()}}
+    if validated_on:
+        summary["validated_on"] = {stage: str(target) for stage, target in validated_on.items()}
+    return summary
 
 
 def contamination_step(state, plan, sources: dict[str, str], sets: list[str], relative) -> dict[str, str]:

@@ -117,26 +117,33 @@ class Pipeline:
         evaluations = self.evaluate(models) if "eval" in self.plan.stages else {}
         return self.write_outputs(models, evaluations)
 
-    def run_data_steps(self) -> dict[str, str]:
-        """scrub, then contamination, when enabled; returns stage -> the data it trains on instead of its own
-        train_file_dir (empty when neither step replaces any)."""
+    def run_data_steps(self) -> dict[str, dict[str, str]]:
+        """scrub, then contamination, when enabled; returns stage -> {data option: the data it reads instead}
+        (`train_file_dir`, and `validation_file_dir` once scrubbed; empty when no step replaces any)."""
         from medtune.pipeline import data_safety
 
         if not any(step in self.plan.stages for step in DATA_STEPS):
             return {}
         original = data_safety.training_sources(self.sections, self.plan.stages)
-        sources = dict(original)
+        sources, validation = dict(original), {}
         if "scrub" in self.plan.stages:
-            sources = data_safety.scrub_step(self.state, sources)
+            sources, validation = data_safety.scrub_step(
+                self.state, sources, data_safety.validation_sources(self.sections, self.plan.stages))
         if "contamination" in self.plan.stages:
             sources = data_safety.contamination_step(self.state, self.plan, sources,
                                                      data_safety.eval_sets(*self.sections["eval-sets"]),
                                                      self.relative)
-        return {stage: path for stage, path in sources.items() if path != original[stage]}
+        replaced: dict[str, dict[str, str]] = {}
+        for stage, path in sources.items():
+            if path != original[stage]:
+                replaced.setdefault(stage, {})["train_file_dir"] = path
+        for stage, path in validation.items():
+            replaced.setdefault(stage, {})["validation_file_dir"] = path
+        return replaced
 
-    def train(self, stage: str, model: str | None, train_data: str | None = None) -> str:
-        """Train `stage` on `model` (then merge its adapter), on `train_data` when a data step replaced its
-        train_file_dir; returns the model the next stage starts from."""
+    def train(self, stage: str, model: str | None, data: dict[str, str] | None = None) -> str:
+        """Train `stage` on `model` (then merge its adapter), reading `data` (option -> location) where a data step
+        replaced its train_file_dir or validation_file_dir; returns the model the next stage starts from."""
         from importlib import import_module
 
         from medtune.data.resume import folder_fingerprint
@@ -146,7 +153,7 @@ class Pipeline:
         module = import_module(f"medtune.stages.{stage}")
         folder = self.state.folder(stage)
         tokens = ["--output_dir", str(folder), "--resume_from_checkpoint", "true"]
-        tokens += ["--train_file_dir", train_data] if train_data else []
+        tokens += [token for option, location in (data or {}).items() for token in (f"--{option}", location)]
         configs = self.plan.parse(stage, tokens + (["--model_name_or_path", model] if model else []))
         validate_data(stage, configs)
         start = resolve_model_path(model)  # its weights changing in place (same path) also means a re-run
