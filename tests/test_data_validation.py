@@ -195,6 +195,66 @@ def test_streaming_reads_an_upper_case_txt_file_as_text(tmp_path, glm4_dir):
     assert [b["input_ids"] for b in streamed] == [b["input_ids"] for b in expected]
 
 
+def pretraining_folder(folder):
+    (folder / "notes.txt").write_text("高血压需要长期管理。\n\n  糖尿病患者应监测血糖。  \n", encoding="utf-8")
+    (folder / "docs.jsonl").write_bytes(jsonl({"text": "  冠心病患者应戒烟。"}, {"text": "哮喘患者应随身携带吸入剂。\n"}))
+    (folder / "array.json").write_text(json.dumps([{"text": "痛风患者应少吃海鲜。"}, {"text": "贫血应查明原因。"}],
+                                                  ensure_ascii=False), encoding="utf-8")  # one line
+    return folder
+
+
+def test_streaming_reads_every_format_into_the_documents_a_normal_run_reads(tmp_path, glm4_dir):
+    from medtune.config import PretrainDataArguments
+    from medtune.data.blocks import group_into_blocks, tokenize_texts
+    from medtune.data.pretrain import stream_block_dataset
+    from medtune.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(str(glm4_dir))
+    folder = pretraining_folder(tmp_path)
+    streamed = list(stream_block_dataset(PretrainDataArguments(train_file_dir=str(folder), block_size=8,
+                                                               streaming=True), tokenizer))
+    documents = [d.text for d in load_records(folder, "text")[0]]
+    assert documents[:2] == ["痛风患者应少吃海鲜。", "贫血应查明原因。"]  # array.json, docs.jsonl, notes.txt
+    assert documents[2:4] == ["  冠心病患者应戒烟。", "哮喘患者应随身携带吸入剂。\n"] and len(documents) == 6
+    expected, _ = group_into_blocks(tokenize_texts(documents, tokenizer), 8, "pad", tokenizer.pad_token_id)
+    assert [b["input_ids"] for b in streamed] == [b["input_ids"] for b in expected]
+
+
+def test_streaming_validation_lists_the_problems_a_normal_run_lists_in_line_order(tmp_path):
+    from medtune.data.pretrain import validate_stream_sources
+
+    # line 1's format is known only at line 3, so its problem is found after line 2's: listed by line anyway
+    (tmp_path / "a.jsonl").write_bytes(b'{"title": "x"}\nnot json\n{"text": "ok"}\n')
+    (tmp_path / "b.txt").write_bytes("正常的一行\n".encode() + b"\xff\xfe bad\n")
+    with pytest.raises(DataError) as streamed:
+        validate_stream_sources(str(tmp_path))
+    with pytest.raises(DataError) as loaded:
+        load_records(tmp_path, "text")
+    assert str(streamed.value) == str(loaded.value)
+    assert str(streamed.value).splitlines() == [
+        f"{tmp_path / 'a.jsonl'}:1: text: missing",
+        f"{tmp_path / 'a.jsonl'}:2: invalid JSON: Expecting value (column 1)",
+        f"{tmp_path / 'b.txt'}:2: not valid UTF-8 (byte 0xff at column 1); re-save the file as UTF-8"]
+
+
+def test_streaming_validation_keeps_no_file_in_memory(tmp_path):
+    """A streamed corpus may be larger than memory; so may one of its files."""
+    import tracemalloc
+
+    from medtune.data.pretrain import validate_stream_sources
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"第{i}篇：高血压患者应低盐饮食，每日食盐不超过5克。\n" for i in range(20000)),
+                      encoding="utf-8")  # 1.5 MB; its 20,000 documents held at once would take 6 MB
+    tracemalloc.start()
+    try:
+        assert validate_stream_sources(str(tmp_path)) == [corpus]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000
+
+
 def test_data_check_counts_duplicates_with_their_lines(tmp_path):
     other = {"conversations": [{"from": "human", "value": "发热怎么办？"}, {"from": "gpt", "value": "多喝水。"}]}
     (tmp_path / "a.jsonl").write_bytes(jsonl(GOOD_CHAT, other, GOOD_CHAT))

@@ -134,8 +134,22 @@ def read_file(path: Path, kind: str | None, data_format: str | None = None) -> t
     """Convert one file's records; `kind` None accepts any format (used by `medtune data check`)."""
     report = FileReport(str(path), "unknown")
     items = [entry.record for entry in iter_file_records(path, report, kind, data_format)]
-    report.problems.sort(key=lambda p: p.line or 0)
+    report.problems.sort(key=problem_line)
     return items, report
+
+
+def file_problems(path: Path, kind: str) -> list[Problem]:
+    """Every problem of one file, in line order as `read_file` lists them, without keeping its records: memory
+    holds one record at a time (a .json array is parsed whole), so a file larger than memory can be checked."""
+    report = FileReport(str(path), "unknown")
+    for _ in iter_file_records(path, report, kind):
+        pass
+    return sorted(report.problems, key=problem_line)
+
+
+def problem_line(problem: Problem) -> int:
+    # a record whose format shows only later in the file is converted (and reported) late: order by line
+    return problem.line or 0
 
 
 def load_records(location: str | Path, kind: str, data_format: str | None = None) -> tuple[list, list[FileReport]]:

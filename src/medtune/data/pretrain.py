@@ -15,14 +15,16 @@ from pathlib import Path
 
 from medtune.data.blocks import BlockStats, iter_blocks, tokenize_texts
 from medtune.data.cache import build_once, cache_folder, fingerprint, tokenizer_fingerprint
-from medtune.data.loading import KIND_SUFFIXES, load_records, read_file, require_records, split_records
-from medtune.data.readers import (
-    TEXT_SUFFIXES,
-    list_data_files,
-    raise_if_problems,
-    read_json_records,
-    read_text_lines,
+from medtune.data.loading import (
+    KIND_SUFFIXES,
+    FileReport,
+    file_problems,
+    iter_file_records,
+    load_records,
+    require_records,
+    split_records,
 )
+from medtune.data.readers import list_data_files, raise_if_problems
 from medtune.data.records import TextDocument
 from medtune.errors import DataError, Problem
 from medtune.paths import bundled_data_dir
@@ -163,12 +165,9 @@ def _log_stats(stats: dict) -> None:
 
 
 def validate_stream_sources(location: str | Path) -> list[Path]:
-    """A streaming run still checks every record before training (one file in memory at a time)."""
+    """A streaming run still checks every record before training (streamed too: one record in memory at a time)."""
     files = list_data_files(location, KIND_SUFFIXES["text"])
-    problems: list[Problem] = []
-    for path in files:
-        problems += read_file(path, "text")[1].problems
-    raise_if_problems(problems)
+    raise_if_problems([problem for path in files for problem in file_problems(path, "text")])
     return files
 
 
@@ -179,12 +178,9 @@ def stream_block_dataset(data_args, tokenizer):
     files = validate_stream_sources(data_args.train_file_dir or bundled_data_dir("pretrain"))
 
     def texts() -> Iterator[str]:
-        sink: list[Problem] = []  # already validated above
-        for path in files:
-            if path.suffix.lower() in TEXT_SUFFIXES:  # as read_file decides, so a .TXT file is text here too
-                yield from (text for _, text in read_text_lines(path, sink))
-            else:
-                yield from (record["text"] for _, record in read_json_records(path, sink))
+        for path in files:  # already validated above: no problem is left to report
+            yield from (entry.record.text for entry in iter_file_records(path, FileReport(str(path), "unknown"),
+                                                                         "text"))
 
     def generate():
         yield from iter_blocks(tokenize_texts(texts(), tokenizer), data_args.block_size, data_args.remainder,
