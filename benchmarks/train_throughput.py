@@ -41,6 +41,22 @@ def real_token_fraction(dataset, samples: int) -> float:
     return sum(map(sum, masks)) / sum(map(len, masks))
 
 
+@contextlib.contextmanager
+def todays_path(baseline: bool):
+    """The baseline runs train as medtune did before its label-only head: besides `--loss_only_labels false`,
+    peft's own `nn.Dropout` in front of each LoRA adapter instead of `FastDropout` (same distribution, cheaper
+    random mask on CPU)."""
+    from medtune.models import dropout
+
+    swap = dropout.use_fast_lora_dropout
+    if baseline:
+        dropout.use_fast_lora_dropout = lambda model: 0
+    try:
+        yield
+    finally:
+        dropout.use_fast_lora_dropout = swap
+
+
 def model_and_data(args, data_option: str = "--train_file_dir") -> list[str]:
     """The --model / --data arguments, as the stage's options."""
     return ((["--model_name_or_path", args.model] if args.model else [])
@@ -64,7 +80,8 @@ def bench_pt(args, label_only: bool) -> dict:
         tokenizer = load_tokenizer(resolve_model_path(args.model))
         train, _, _ = prepare_block_datasets(configs[2], tokenizer)
         started = time.perf_counter()
-        pt.run_pt(*configs)
+        with todays_path(not label_only):
+            pt.run_pt(*configs)
         wall = time.perf_counter() - started
         state = json.loads((Path(scratch) / "trainer_state.json").read_text())
     runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
@@ -155,7 +172,8 @@ def bench_sft(args, mode: str, label_only: bool = True) -> dict:
         collators.PackedCollator, collators.PaddingCollator = counted(packed), counted(originals[1])
         try:
             started = time.perf_counter()
-            sft_stage.run_sft(*configs)
+            with todays_path(not label_only):
+                sft_stage.run_sft(*configs)
             wall = time.perf_counter() - started
         finally:
             collators.PackedCollator, collators.PaddingCollator = originals
@@ -228,7 +246,8 @@ def bench_dpo(args, precompute: bool, label_only: bool) -> dict:
         dpo_trainer.DPOTrainer._precompute_ref_logps = timed_precompute
         try:
             started = time.perf_counter()
-            dpo_stage.run_dpo(*configs)
+            with todays_path(not label_only):
+                dpo_stage.run_dpo(*configs)
             wall = time.perf_counter() - started
         finally:
             dpo_trainer.DataCollatorForPreference.torch_call = original
