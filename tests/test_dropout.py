@@ -94,3 +94,15 @@ def test_lora_adapters_get_fast_dropout_and_eval_logits_do_not_move(tiny_model, 
             assert not torch.equal(model(input_ids=ids).logits, before)  # dropout acts in training
     else:
         assert swapped == 0 and after_types == {nn.Identity}
+
+
+def test_pt_and_sft_adapters_train_with_fast_dropout(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from medtune.config import LoraArguments
+    from medtune.models.loader import attach_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("glm4"), dtype=torch.float32)
+    model = attach_lora(model, LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.1))
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(type(m) is FastDropout and m.p == 0.1 for m in dropouts)
