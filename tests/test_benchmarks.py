@@ -20,10 +20,16 @@ def test_train_throughput_prints_json_lines():
     assert pt["tokens_per_s"] > 0 and pt["real_token_fraction"] > 0.9
     rows = run_script("benchmarks/train_throughput.py", "--stage", "sft", "--steps", "2", "--sft_modes",
                       "packed,packed_4d_mask")
-    assert [(r["mode"], r.get("loss_only_labels")) for r in rows] == [
+    assert [(r.get("mode"), r.get("loss_only_labels")) for r in rows] == [
         ("packed", False), ("packed", True), ("packed", None), ("packed_4d_mask", False), ("packed_4d_mask", True),
-        ("packed_4d_mask", None)]
-    assert rows[2]["label_only_speedup"] > 0
+        ("packed_4d_mask", None), (None, None)]
+    assert rows[2]["speedup_vs_todays_path"] == round(rows[1]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"], 3)
+    # the best modes: today's among all three paths run, medtune's among its own modes (not the 4-D mask baseline)
+    todays = max(rows[0], rows[3], key=lambda r: r["real_tokens_per_s"])
+    assert rows[-1]["best_todays_mode"] == {"mode": todays["mode"], "real_tokens_per_s": todays["real_tokens_per_s"]}
+    assert rows[-1]["best_medtune_mode"] == {"mode": "packed", "real_tokens_per_s": rows[1]["real_tokens_per_s"]}
+    assert rows[-1]["speedup_vs_best_todays_mode"] == round(
+        rows[1]["real_tokens_per_s"] / todays["real_tokens_per_s"], 3)
 
 
 @pytest.mark.slow

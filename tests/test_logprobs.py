@@ -62,3 +62,39 @@ def test_a_head_that_scales_its_logits_keeps_the_standard_forward(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
     model.config.logit_scale = 0.5
     assert not has_plain_head(model) and not install_label_only_forward(model)
+
+
+def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients():
+    """The label-only head computes the softmax its backward needs in the forward; its log-probs and the gradients
+    of hidden states, weight and bias equal cross-entropy's, for any per-token upstream gradient."""
+    from medtune.stages.logprobs import _LinearLogProbs
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    bias = torch.randn(50, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    upstream = torch.randn(37, generator=generator)
+    results = []
+    for path in ("reference", "label_only"):
+        for tensor in (hidden, weight, bias):
+            tensor.grad = None
+        if path == "reference":
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        else:
+            log_probs = _LinearLogProbs.apply(hidden, weight, bias, targets)
+        (log_probs * upstream).sum().backward()
+        results.append([log_probs.detach(), hidden.grad, weight.grad, bias.grad])
+    for ours, reference in zip(*results[::-1]):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_a_second_backward_through_the_head_is_refused():
+    from medtune.stages.logprobs import _LinearLogProbs
+
+    hidden = torch.randn(4, 8, requires_grad=True)
+    log_probs = _LinearLogProbs.apply(hidden, torch.randn(10, 8), None, torch.tensor([1, 2, 3, 4]))
+    log_probs.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        log_probs.sum().backward()

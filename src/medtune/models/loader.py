@@ -191,12 +191,15 @@ def attach_lora(model, lora_args):
     """Wrap `model` with a fresh LoRA adapter (see `lora_config`)."""
     from peft import get_peft_model
 
+    from medtune.models.dropout import use_fast_lora_dropout
+
     config = lora_config(lora_args)
     targets = config.target_modules
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"LoRA: {str(exc).splitlines()[0]}") from None
+    use_fast_lora_dropout(model)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)", lora_args.lora_rank,
                 lora_args.lora_alpha, targets, trainable, total, 100 * trainable / total)

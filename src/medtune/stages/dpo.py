@@ -93,6 +93,7 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     import os
 
     from medtune.data.preference import load_pairs
+    from medtune.models.dropout import use_fast_lora_dropout
     from medtune.models.loader import load_chat_template, lora_config
     from medtune.stages.common import configure_evaluation, finish_training, load_training_model, start_stage
 
@@ -108,6 +109,7 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     model = load_training_model(model_path, model_args, training_args)
     peft_config = lora_config(lora_args) if lora_args.use_peft else None
     trainer = build_trainer(training_args, data_args, model, tokenizer, train_set, eval_set, peft_config)
+    use_fast_lora_dropout(trainer.model)  # TRL attached the adapter
     stats.update({"dropped_identical": dropped, "loss_type": training_args.loss_type, "template": template.name})
     logger.info("preference pairs: %s", stats)
     for callback in callbacks:

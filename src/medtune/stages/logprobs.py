@@ -74,11 +74,44 @@ def _fused_chunk(hidden, head, targets, outputs):
     return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, vocab_chunk, None, 1.0, outputs)
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """log p(target) through a linear head, with the softmax the backward needs computed in the forward.
+
+    Cross-entropy's own backward builds a zero [N, vocab] gradient, scatters into it, and then recomputes the
+    softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the forward
+    turns its log-softmax into probabilities in place, and the backward scales them in place and subtracts the
+    target's share: d log p_t / d logits = onehot(t) - softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        log_softmax = torch.log_softmax(logits.float(), dim=-1)
+        del logits
+        log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, log_softmax.exp_())
+        ctx.has_bias, ctx.used = bias is not None, False
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        if ctx.used:  # the saved probabilities became the gradient in place
+            raise RuntimeError("medtune's label-only head supports one backward pass per forward")
+        ctx.used = True
+        hidden, weight, targets, probs = ctx.saved_tensors
+        grad_logits = probs.mul_(-grad_log_probs[:, None])
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] += grad_log_probs
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
 def _plain_chunk(hidden, head, targets, outputs):
+    if outputs == ("log_probs",):
+        return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets), None, None, None, None
     logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
     log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    if outputs == ("log_probs",):
-        return log_probs, None, None, None, None
     with torch.no_grad():  # statistics for metrics (and WPO weights, which TRL computes without a gradient)
         log_z = torch.logsumexp(logits, dim=-1)
         probs = torch.exp(logits - log_z[:, None])
