@@ -212,11 +212,12 @@ def generation_stop_ids(path: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def load_chat_template(model_path: str, tokenizer, name: str | None = None):
-    """The ChatTemplate every stage and inference path uses for this model (see medtune.templates.chat)."""
+def load_chat_template(model_path: str, tokenizer, name: str | None = None, system_prompt: str | None = None):
+    """The ChatTemplate every stage and inference path uses for this model (see medtune.templates.chat), giving
+    `system_prompt` to conversations that have no system message."""
     from medtune.templates.chat import ChatTemplate
 
-    return ChatTemplate.for_tokenizer(tokenizer, name, generation_stop_ids(model_path))
+    return ChatTemplate.for_tokenizer(tokenizer, name, generation_stop_ids(model_path), system_prompt)
 
 
 def optional_chat_template(model_path: str, tokenizer, name: str | None = None):

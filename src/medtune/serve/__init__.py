@@ -28,7 +28,8 @@ def build_engine(model_args, adapter, serve_args):
     backend = LocalBackend(model_args.model_name_or_path, adapter, model_args.template,
                            model_args.torch_dtype, model_args.trust_remote_code,
                            tokenizer_path=model_args.tokenizer_name_or_path,
-                           attn_implementation=model_args.attn_implementation)
+                           attn_implementation=model_args.attn_implementation,
+                           system_prompt=serve_args.system_prompt)
     size = serve_args.max_batch_size if serve_args.batching else 1
     return BatchingEngine(backend, max_batch_size=size, batch_wait_ms=serve_args.batch_wait_ms), backend.template
 
