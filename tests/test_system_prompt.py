@@ -170,4 +170,4 @@ def test_pipeline_sections_take_it(tmp_path, section):
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"stages: [sft, dpo, eval]\n{section}:\n  system_prompt: {SYSTEM}\n", encoding="utf-8")
     parsed = parse_plan(["--config", str(config), "--output_dir", str(tmp_path / "out")]).parse(section)
-    assert [getattr(c, "system_prompt") for c in parsed if hasattr(c, "system_prompt")] == [SYSTEM]
+    assert [c.system_prompt for c in parsed if hasattr(c, "system_prompt")] == [SYSTEM]
