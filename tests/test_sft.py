@@ -281,3 +281,19 @@ def test_model_max_length_defaults_to_source_plus_target_length():
                      "--model_max_length", "1024").model_max_length == 1024
     with pytest.raises(ConfigError, match="max_target_length must be at least 1"):
         data_args("--max_target_length", "0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_a_stage_run_prints_no_library_deprecation_warning(tiny_model, tmp_path, monkeypatch, checkpointing):
+    """peft and trl read transformers 5's deprecated is_gradient_checkpointing; with every warning shown
+    (PYTHONWARNINGS=default) a stage command still prints none from transformers, peft or trl."""
+    import re
+
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    result = run_medtune("sft", *TINY, "--model_name_or_path", str(tiny_model("glm4")), "--max_steps", "1",
+                         "--gradient_checkpointing", checkpointing, "--output_dir", str(tmp_path / "out"),
+                         "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warned = re.findall(r"/(?:transformers|peft|trl)/\S+: (?:Future|Deprecation)Warning: .*", result.stderr)
+    assert warned == []
