@@ -4,6 +4,7 @@ in a thread whose scheduler steps only when the test lets it, and the chat page 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,26 +35,33 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def served(glm4_dir, tmp_path_factory):
-    """`medtune serve` in a subprocess on a free port: (base URL, its log file)."""
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+@contextlib.contextmanager
+def serve_process(log, *options: str):
+    """`medtune serve OPTIONS` in a subprocess logging to `log`, on a free port: the base URL it logs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("MEDTUNE_API_KEY", None)
     with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "medtune", "serve", "--model", str(glm4_dir), "--port", "0", "--api-key", API_KEY,
-             "--max_body_bytes", str(BODY_LIMIT), "--max_tokens_limit", str(TOKENS_LIMIT)],
-            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "medtune", "serve", "--port", "0", *options],
+                                   cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         found = []
         wait_for(lambda: process.poll() is not None or found.extend(
-            re.findall(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())) or found, what="server start")
+            re.findall(r"listening on (http://\S+)", log.read_text())) or found, what="server start")
         assert found, log.read_text()
-        yield found[0], log
+        yield found[0]
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(glm4_dir, tmp_path_factory):
+    """`medtune serve` with a key and small limits: (base URL, its log file)."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with serve_process(log, "--model", str(glm4_dir), "--api-key", API_KEY, "--max_body_bytes", str(BODY_LIMIT),
+                       "--max_tokens_limit", str(TOKENS_LIMIT)) as url:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        yield url, log
 
 
 @pytest.fixture(scope="module")
@@ -156,21 +164,8 @@ def served_with_system_prompt(glm4_dir, tmp_path_factory):
     (base URL as logged, host)."""
     host = "::1" if ipv6_loopback_works() else "127.0.0.1"
     log = tmp_path_factory.mktemp("serve-system") / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("MEDTUNE_API_KEY", None)
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "medtune", "serve", "--model", str(glm4_dir), "--port", "0", "--host", host,
-             "--system_prompt", SYSTEM], cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        found = []
-        wait_for(lambda: process.poll() is not None or found.extend(
-            re.findall(r"listening on (http://\S+)", log.read_text())) or found, what="server start")
-        assert found, log.read_text()
-        yield found[0], host
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serve_process(log, "--model", str(glm4_dir), "--host", host, "--system_prompt", SYSTEM) as url:
+        yield url, host
 
 
 def test_system_prompt_goes_to_requests_without_a_system_message(served_with_system_prompt, backend):
