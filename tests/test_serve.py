@@ -4,6 +4,7 @@ in a thread whose scheduler steps only when the test lets it, and the chat page 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,26 +35,33 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def served(glm4_dir, tmp_path_factory):
-    """`medtune serve` in a subprocess on a free port: (base URL, its log file)."""
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+@contextlib.contextmanager
+def serve_process(log, *options: str):
+    """`medtune serve OPTIONS` in a subprocess logging to `log`, on a free port: the base URL it logs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("MEDTUNE_API_KEY", None)
     with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "medtune", "serve", "--model", str(glm4_dir), "--port", "0", "--api-key", API_KEY,
-             "--max_body_bytes", str(BODY_LIMIT), "--max_tokens_limit", str(TOKENS_LIMIT)],
-            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "medtune", "serve", "--port", "0", *options],
+                                   cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         found = []
         wait_for(lambda: process.poll() is not None or found.extend(
-            re.findall(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())) or found, what="server start")
+            re.findall(r"listening on (http://\S+)", log.read_text())) or found, what="server start")
         assert found, log.read_text()
-        yield found[0], log
+        yield found[0]
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(glm4_dir, tmp_path_factory):
+    """`medtune serve` with a key and small limits: (base URL, its log file)."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with serve_process(log, "--model", str(glm4_dir), "--api-key", API_KEY, "--max_body_bytes", str(BODY_LIMIT),
+                       "--max_tokens_limit", str(TOKENS_LIMIT)) as url:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        yield url, log
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +127,75 @@ def test_stop_string_ends_the_reply_before_it(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
-def test_text_completions(client, backend):
+def test_text_completions_continue_the_raw_prompt(client, backend):
+    import torch
+
     prompt = "高血压的常见症状有"
     plain = client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=8)
     streamed = client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=8, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
-    assert plain.usage.prompt_tokens == len(backend.tokenizer(prompt)["input_ids"])
+    # the text as given, without the [gMASK]<sop> the GLM-4 tokenizer adds to its inputs
+    raw = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert len(backend.tokenizer(prompt)["input_ids"]) == len(raw) + 2
+    assert plain.usage.prompt_tokens == len(raw)
     assert plain.usage.completion_tokens == 8
+    with torch.no_grad():
+        greedy = backend.model.generate(input_ids=torch.tensor([raw]), attention_mask=torch.ones(1, len(raw)),
+                                        **backend.decoding_options(8))
+    assert plain.choices[0].text == backend.decode(backend.reply_ids(greedy[0, len(raw):]))
+
+
+SYSTEM = "你是医生。"
+
+
+def ipv6_loopback_works() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served_with_system_prompt(glm4_dir, tmp_path_factory):
+    """`medtune serve --system_prompt ...` on the IPv6 loopback ::1 where this machine has one (else 127.0.0.1):
+    (base URL as logged, host)."""
+    host = "::1" if ipv6_loopback_works() else "127.0.0.1"
+    log = tmp_path_factory.mktemp("serve-system") / "server.log"
+    with serve_process(log, "--model", str(glm4_dir), "--host", host, "--system_prompt", SYSTEM) as url:
+        yield url, host
+
+
+def test_system_prompt_goes_to_requests_without_a_system_message(served_with_system_prompt, backend):
+    url, _ = served_with_system_prompt
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    given = [{"role": "system", "content": SYSTEM}, *QUESTION]
+    own = [{"role": "system", "content": "你是药师。"}, *QUESTION]
+    for asked, rendered in ((QUESTION, given), (own, own)):  # a request's own system message wins
+        reply = client.chat.completions.create(model="any", messages=asked, temperature=0, max_tokens=6)
+        assert reply.usage.prompt_tokens == len(backend.template.prompt_ids(rendered))
+        assert reply.choices[0].message.content.strip() == backend.generate([rendered], max_new_tokens=6)[0]
+    assert len(backend.template.prompt_ids(given)) != len(backend.template.prompt_ids(QUESTION))
+    # the raw-text completions route renders no chat template, so no system prompt either
+    text = client.completions.create(model="any", prompt="高血压", temperature=0, max_tokens=2)
+    assert text.usage.prompt_tokens == len(backend.tokenizer("高血压", add_special_tokens=False)["input_ids"])
+
+
+def test_serve_listens_on_an_ipv6_address(served_with_system_prompt):
+    url, host = served_with_system_prompt
+    if host != "::1":
+        pytest.skip("this machine cannot listen on the IPv6 loopback ::1")
+    assert re.fullmatch(r"http://\[::1\]:\d+", url)
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_a_host_it_cannot_listen_on_is_one_clear_error(glm4_dir):
+    result = run_medtune("serve", "--model", str(glm4_dir), "--host", "no-such-host.invalid", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("medtune: error: --host no-such-host.invalid --port 0: "
+                                                            "cannot listen there")
 
 
 def test_models_and_health(client, served, glm4_dir):

@@ -12,6 +12,7 @@ from medtune.config import parse_arguments
 from medtune.data.collators import PackedCollator, PaddingCollator
 from medtune.data.loading import load_records
 from medtune.data.sft import best_fit_bins, encode_conversations, pack_examples
+from medtune.errors import ConfigError
 from medtune.models.loader import load_chat_template
 from medtune.stages import sft
 
@@ -239,3 +240,60 @@ def test_label_only_head_trains_with_the_standard_loss(tiny_model, tmp_path, mon
     label_only = history("true")
     assert len(calls) == 3
     assert label_only == pytest.approx(standard, abs=1e-5)
+
+
+def test_max_source_and_target_length_cut_each_turn_as_medicalgpt_names_them(tiny_model):
+    from medtune.data.records import Conversation
+
+    folder = tiny_model("glm4")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = load_chat_template(str(folder), tokenizer)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    long_question, long_reply = "请解释高血压的分级标准。" * 3, "休息。" * 5
+    conversation = Conversation([{"role": "user", "content": long_question},
+                                 {"role": "assistant", "content": long_reply},
+                                 {"role": "user", "content": "头痛？"}, {"role": "assistant", "content": "休息。"}])
+    examples, stats = encode_conversations([conversation], template, max_length=64, max_source=8, max_target=3)
+    # turn 1: the source keeps [gMASK]<sop> and its last 6 tokens (the question's end and the assistant tag), the
+    # reply its first 3 tokens; turn 2 fits both limits and is kept whole (its reply with the stop token)
+    source_1 = ids("[gMASK]<sop>") + ids(long_question)[-4:] + ids("<|assistant|>\n")
+    reply_1 = ids(long_reply)[:3]
+    source_2, reply_2 = ids("\n头痛？<|assistant|>\n"), ids("休息。<|endoftext|>")
+    assert examples[0]["input_ids"] == source_1 + reply_1 + source_2 + reply_2
+    assert examples[0]["labels"] == [-100] * 8 + reply_1 + [-100] * len(source_2) + reply_2
+    assert stats.truncated == 1 and stats.dropped_no_supervised_token == 0
+    on_prompt, _ = encode_conversations([conversation], template, 64, train_on_prompt=True, max_source=8,
+                                        max_target=3)
+    assert on_prompt[0]["labels"] == on_prompt[0]["input_ids"] == examples[0]["input_ids"]
+
+
+def test_model_max_length_defaults_to_source_plus_target_length():
+    def data_args(*argv: str):
+        return parse_arguments(sft.ARGUMENT_TYPES, list(argv))[2]
+
+    assert data_args().model_max_length == 2048
+    assert data_args("--max_source_length", "300", "--max_target_length", "200").model_max_length == 500
+    assert data_args("--max_source_length", "300").model_max_length == 2048
+    assert data_args("--max_source_length", "300", "--max_target_length", "200",
+                     "--model_max_length", "1024").model_max_length == 1024
+    with pytest.raises(ConfigError, match="max_target_length must be at least 1"):
+        data_args("--max_target_length", "0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_a_stage_run_prints_no_library_deprecation_warning(tiny_model, tmp_path, monkeypatch, checkpointing):
+    """peft and trl read transformers 5's deprecated is_gradient_checkpointing; with every warning shown
+    (PYTHONWARNINGS=default) a stage command still prints none from transformers, peft or trl."""
+    import re
+
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    result = run_medtune("sft", *TINY, "--model_name_or_path", str(tiny_model("glm4")), "--max_steps", "1",
+                         "--gradient_checkpointing", checkpointing, "--output_dir", str(tmp_path / "out"),
+                         "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warned = re.findall(r"/(?:transformers|peft|trl)/\S+: (?:Future|Deprecation)Warning: .*", result.stderr)
+    assert warned == []

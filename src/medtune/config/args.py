@@ -218,19 +218,66 @@ class PretrainDataArguments(DataArguments):
             raise ConfigError(f"block_size must be at least 2, got {self.block_size}")
 
 
+@dataclass
+class SystemPromptArguments:
+    """The system prompt of conversations that bring none (sft, dpo, eval, chat, serve, predict)."""
+
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "A system message put first in every conversation that has none when it is rendered "
+                          "through the chat template: training records, evaluation prompts, chat, serve requests and "
+                          "predict records (one with its own system message keeps it). Default: none added, so the "
+                          "template's own default applies (what the model family uses, e.g. Qwen2.5's 'You are "
+                          "Qwen...'; GLM-4 and Llama-3: none); '' adds none either. chat's default is a "
+                          "medical-information assistant that says it is not a doctor (Chinese and English), and "
+                          "/system TEXT changes it during the chat."},
+    )
+
+
+@dataclass
+class SourceTargetLengthArguments:
+    """MedicalGPT's split of the length limit into a prompt (source) part and a reply (target) part."""
+
+    max_source_length: int | None = field(
+        default=None,
+        metadata={"help": "MedicalGPT's name: most prompt tokens. dpo: the prompt keeps at most this many (cut as "
+                          "truncation_mode says). sft: per turn, the tokens before each reply (the user turn with "
+                          "the template's tags; the system prompt too for the first turn) keep at most this many: "
+                          "their end, i.e. the question and the assistant tag, plus the template's leading tokens "
+                          "such as [gMASK]<sop>. Applied before the overall length limit."},
+    )
+    max_target_length: int | None = field(
+        default=None,
+        metadata={"help": "MedicalGPT's name: most reply tokens. dpo: each answer; sft: each assistant reply (with "
+                          "its stop token); cut at the end. Applied before the overall length limit."},
+    )
+
+    def length_limit(self, given: int | None, default: int) -> int:
+        """The overall limit: `given`, else max_source_length + max_target_length when both are set, else
+        `default`."""
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if given is not None:
+            return given
+        split = (self.max_source_length, self.max_target_length)
+        return sum(split) if None not in split else default
+
+
 SFT_FORMATS = ("auto", "sharegpt", "openai", "alpaca")
 
 
 @dataclass
-class SFTDataArguments(DataArguments):
+class SFTDataArguments(DataArguments, SourceTargetLengthArguments, SystemPromptArguments):
     """Conversations for supervised fine-tuning, and how they become token ids and labels."""
 
     data_format: str = field(
         default="auto", metadata={"help": f"Record format: {', '.join(SFT_FORMATS)} (auto detects it per file)."}
     )
-    model_max_length: int = field(
-        default=2048, metadata={"help": "Longest tokenized conversation; longer ones are cut at the end (samples "
-                                        "left with no supervised token are dropped and counted)."},
+    model_max_length: int | None = field(
+        default=None, metadata={"help": "Longest tokenized conversation (default 2048, or max_source_length + "
+                                        "max_target_length when both are given); longer ones are cut at the end "
+                                        "(samples left with no supervised token are dropped and counted)."},
     )
     train_on_prompt: bool = field(
         default=False, metadata={"help": "Also compute the loss on system/user turns and template scaffolding."}
@@ -244,6 +291,7 @@ class SFTDataArguments(DataArguments):
     def __post_init__(self):
         super().__post_init__()
         _check_choice("data_format", self.data_format, SFT_FORMATS)
+        self.model_max_length = self.length_limit(self.model_max_length, 2048)
         if self.model_max_length < 8:
             raise ConfigError(f"model_max_length must be at least 8, got {self.model_max_length}")
 
@@ -252,7 +300,7 @@ PREFERENCE_FORMATS = ("auto", "preference", "preference_conversations", "prefere
 
 
 @dataclass
-class PreferenceDataArguments(DataArguments):
+class PreferenceDataArguments(DataArguments, SourceTargetLengthArguments, SystemPromptArguments):
     """Preference pairs: the book's system/history/question/response_chosen/response_rejected records,
     conversations + chosen/rejected, or Hugging Face prompt/chosen/rejected."""
 
@@ -266,24 +314,11 @@ class PreferenceDataArguments(DataArguments):
                           "(at least half the budget if the answers need it) and both answers are cut at the end to "
                           "the rest. Truncated pairs are counted."},
     )
-    max_source_length: int | None = field(
-        default=None, metadata={"help": "MedicalGPT's name: the prompt keeps at most this many tokens (cut as "
-                                        "truncation_mode says), before the max_length rule."},
-    )
-    max_target_length: int | None = field(
-        default=None, metadata={"help": "MedicalGPT's name: each answer keeps at most this many tokens (cut at its "
-                                        "end), before the max_length rule."},
-    )
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("data_format", self.data_format, PREFERENCE_FORMATS)
-        for name in ("max_source_length", "max_target_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_length is None:
-            split = (self.max_source_length, self.max_target_length)
-            self.max_length = sum(split) if None not in split else 1024
+        self.max_length = self.length_limit(self.max_length, 1024)
         if self.max_length < 16:
             raise ConfigError(f"max_length must be at least 16, got {self.max_length}")
 
@@ -518,7 +553,7 @@ class AdapterArguments:
 
 
 @dataclass
-class EvalArguments(AdapterArguments):
+class EvalArguments(AdapterArguments, SystemPromptArguments):
     """What to evaluate, against what, and how (all `medtune eval` commands)."""
 
     endpoint: str | None = field(
@@ -658,19 +693,17 @@ DEFAULT_SYSTEM_PROMPT = ("你是一个医学信息助手，提供医学知识与
 
 
 @dataclass
-class ChatArguments:
-    """`medtune chat`: a conversation in the terminal."""
+class ChatArguments(SystemPromptArguments):
+    """`medtune chat`: a conversation in the terminal (its system prompt defaults to DEFAULT_SYSTEM_PROMPT)."""
 
-    system_prompt: str = field(
-        default=DEFAULT_SYSTEM_PROMPT,
-        metadata={"help": "The system prompt a conversation starts with (default: a medical-information assistant "
-                          "that says it is not a doctor, in Chinese and English); '' for none. /system TEXT changes "
-                          "it during the chat."},
-    )
     show_prompt_ids: bool = field(
         default=False, metadata={"help": "Print the token ids of every rendered prompt before the reply (to check "
                                          "what the model is given)."},
     )
+
+    def __post_init__(self):
+        if self.system_prompt is None:  # chat's own default, unlike the other commands' "the template's"
+            self.system_prompt = DEFAULT_SYSTEM_PROMPT
 
 
 @dataclass
@@ -690,11 +723,12 @@ class BackendArguments:
 
 
 @dataclass
-class ServeArguments(BackendArguments):
+class ServeArguments(BackendArguments, SystemPromptArguments):
     """`medtune serve`: an OpenAI-compatible HTTP server with a chat page."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on; 127.0.0.1 keeps the server "
-                                                             "on this machine (0.0.0.0: every interface)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on, IPv4 or IPv6; 127.0.0.1 (or "
+                                                             "::1) keeps the server on this machine (0.0.0.0: every "
+                                                             "IPv4 interface, :: every IPv6 one)."})
     port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)."})
     api_key: str | None = field(
         default=None, metadata={"help": "Clients must send `Authorization: Bearer KEY` to /v1/ routes (401 "
@@ -738,7 +772,7 @@ class ServeArguments(BackendArguments):
 
 
 @dataclass
-class PredictArguments(BackendArguments):
+class PredictArguments(BackendArguments, SystemPromptArguments):
     """`medtune predict`: replies for every prompt or conversation of a file."""
 
     input: str = field(

@@ -74,7 +74,7 @@ def load_pairs(data_args) -> tuple[list[PreferencePair], list[PreferencePair], i
     return kept, evaluation, dropped
 
 
-def _cut_prompt(prompt: list[int], budget: int, head: list[int], keep: str) -> list[int]:
+def cut_prompt(prompt: list[int], budget: int, head: list[int], keep: str) -> list[int]:
     """`budget` tokens of the prompt: its beginning (`keep_start`) or its `head` plus its end (`keep_end`)."""
     if keep == "keep_start":
         return prompt[:budget]
@@ -95,14 +95,14 @@ def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int], max
     head = head if head and prompt[: len(head)] == head else []
     truncated = False
     if max_prompt is not None and len(prompt) > max_prompt:
-        prompt, truncated = _cut_prompt(prompt, max(max_prompt, len(head)), head, keep), True
+        prompt, truncated = cut_prompt(prompt, max(max_prompt, len(head)), head, keep), True
     if max_answer is not None and max(len(chosen), len(rejected)) > max_answer:
         chosen, rejected, truncated = chosen[:max_answer], rejected[:max_answer], True
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected, truncated
     prompt_budget = min(len(prompt), max(max_length - longest, max_length // 2))
-    prompt = _cut_prompt(prompt, prompt_budget, head, keep)
+    prompt = cut_prompt(prompt, prompt_budget, head, keep)
     budget = max_length - len(prompt)
     return prompt, chosen[:budget], rejected[:budget], True
 
@@ -162,7 +162,7 @@ def build_preference_split(pairs: list[PreferencePair], template: ChatTemplate, 
     shape = UNPAIRED if training_args.loss_type == "kto" else PAIRED
     key = fingerprint(f"v{CACHE_VERSION}", shape, str(training_args.seed if shape == UNPAIRED else ""),
                       json.dumps([(p.prompt, p.chosen, p.rejected) for p in pairs], ensure_ascii=False),
-                      tokenizer_fingerprint(template.tokenizer), template.jinja, "|".join(template.stop_strings),
+                      tokenizer_fingerprint(template.tokenizer), *template.cache_parts,
                       str(data_args.max_length), training_args.truncation_mode,
                       f"{data_args.max_source_length}/{data_args.max_target_length}")
 

@@ -1,7 +1,9 @@
 """SFT examples: validated conversations -> (input_ids, labels) through the shared ChatTemplate -> optional packing.
 
 Truncation keeps the start of a conversation up to `model_max_length`; a sample left with no supervised token
-is dropped and counted (never trained on silently). Packing uses best-fit-decreasing bins, so almost every
+is dropped and counted (never trained on silently). Before that, MedicalGPT's per-turn limits apply when given:
+the tokens before each reply keep at most `max_source_length` (their end, plus the template's leading tokens) and
+each reply at most `max_target_length` (its start). Packing uses best-fit-decreasing bins, so almost every
 computed position is a real token.
 """
 
@@ -54,19 +56,66 @@ def load_conversations(data_args) -> tuple[list[Conversation], list[Conversation
     return train, evaluation
 
 
+def label_runs(labels: list[int]) -> list[tuple[int, int, bool]]:
+    """(start, end, is_reply) of each maximal run of prompt tokens (label -100) and of reply tokens."""
+    runs: list[tuple[int, int, bool]] = []
+    for index, label in enumerate(labels):
+        is_reply = label != IGNORE_INDEX
+        if runs and runs[-1][2] == is_reply:
+            runs[-1] = (runs[-1][0], index + 1, is_reply)
+        else:
+            runs.append((index, index + 1, is_reply))
+    return runs
+
+
+def cut_turns(input_ids: list[int], labels: list[int], head: list[int], max_source: int | None,
+              max_target: int | None) -> tuple[list[int], list[int], bool]:
+    """MedicalGPT's per-turn limits on (ids, assistant-only labels): every run of prompt tokens (a turn's source:
+    the user turn with the template's tags, the system prompt too before the first reply) keeps its last
+    `max_source` tokens, so the question and the generation prompt right before the reply stay, plus the
+    template's leading `head` tokens (e.g. [gMASK]<sop>); every reply keeps its first `max_target` tokens.
+    Returns the cut ids and labels and whether anything was cut."""
+    from medtune.data.preference import cut_prompt
+
+    cut_ids: list[int] = []
+    cut_labels: list[int] = []
+    for start, end, is_reply in label_runs(labels):
+        ids, run_labels = input_ids[start:end], labels[start:end]
+        limit = max_target if is_reply else max_source
+        if limit is not None and len(ids) > limit:
+            if is_reply:
+                ids, run_labels = ids[:limit], run_labels[:limit]
+            else:
+                kept_head = head if start == 0 and ids[:len(head)] == head else []
+                ids = cut_prompt(ids, max(limit, len(kept_head)), kept_head, "keep_end")
+                run_labels = [IGNORE_INDEX] * len(ids)
+        cut_ids += ids
+        cut_labels += run_labels
+    return cut_ids, cut_labels, len(cut_ids) < len(input_ids)
+
+
 def encode_conversations(conversations: list[Conversation], template: ChatTemplate, max_length: int,
-                         train_on_prompt: bool = False) -> tuple[list[dict], EncodingStats]:
+                         train_on_prompt: bool = False, max_source: int | None = None,
+                         max_target: int | None = None) -> tuple[list[dict], EncodingStats]:
     stats = EncodingStats()
     examples = []
+    per_turn = max_source is not None or max_target is not None
+    head = template.head_ids if per_turn else []
     for conversation in conversations:
         stats.conversations += 1
         try:
-            encoded = template.encode(conversation.messages, train_on_prompt=train_on_prompt)
+            # per-turn limits find the turns by the assistant-only labels; train_on_prompt relabels afterwards
+            encoded = template.encode(conversation.messages, train_on_prompt=train_on_prompt and not per_turn)
         except TemplateError as exc:
             raise TemplateError(f"{conversation.source}: {exc}") from None
         input_ids, labels = encoded.input_ids, encoded.labels
+        cut = False
+        if per_turn:
+            input_ids, labels, cut = cut_turns(input_ids, labels, head, max_source, max_target)
+            labels = list(input_ids) if train_on_prompt else labels
         if len(input_ids) > max_length:
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            input_ids, labels, cut = input_ids[:max_length], labels[:max_length], True
+        if cut:
             # The first label is never a target (nothing predicts it), so it does not count as supervision.
             if all(label == IGNORE_INDEX for label in labels[1:]):
                 stats.dropped_no_supervised_token += 1
@@ -116,13 +165,15 @@ def build_sft_split(conversations: list[Conversation], template: ChatTemplate, d
     or another torchrun rank loads it instead of rendering every conversation again."""
     import datasets
 
+    turn_limits = (data_args.max_source_length, data_args.max_target_length)
     key = fingerprint(f"v{CACHE_VERSION}", json.dumps([c.messages for c in conversations], ensure_ascii=False),
-                      tokenizer_fingerprint(template.tokenizer), template.jinja, "|".join(template.stop_strings),
-                      str(data_args.model_max_length), str(data_args.train_on_prompt), str(data_args.packing))
+                      tokenizer_fingerprint(template.tokenizer), *template.cache_parts,
+                      str(data_args.model_max_length), str(data_args.train_on_prompt), str(data_args.packing),
+                      *([f"turn limits {turn_limits}"] if turn_limits != (None, None) else []))
 
     def build(scratch: Path) -> None:
         examples, stats = encode_conversations(conversations, template, data_args.model_max_length,
-                                               data_args.train_on_prompt)
+                                               data_args.train_on_prompt, *turn_limits)
         require_records(examples, conversations, f"all {stats.conversations} {name} conversations dropped: no assistant "
                         f"reply starts within model_max_length ({data_args.model_max_length}); raise --model_max_length")
         if data_args.packing:

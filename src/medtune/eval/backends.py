@@ -89,9 +89,10 @@ def shared_start_length(prompts: list[list[int]]) -> int:
 
 def load_tokenizer_and_template(model_path: str, adapter: str | None, template: str | None,
                                 trust_remote_code: bool = False, tokenizer_path: str | None = None,
-                                needs_chat_template: bool = True):
+                                needs_chat_template: bool = True, system_prompt: str | None = None):
     """(tokenizer, ChatTemplate) for inference on `model_path` (+ `adapter`): the one way every inference path
-    (evaluation, chat, predict, serve, vLLM) finds the tokenizer and chat template a model was trained with."""
+    (evaluation, chat, predict, serve, vLLM) finds the tokenizer and chat template a model was trained with;
+    `system_prompt` goes to conversations that bring no system message."""
     from medtune.models.loader import load_chat_template, load_tokenizer
 
     # An explicit --tokenizer_name_or_path wins; else an adapter trained by medtune carries the tokenizer and
@@ -100,7 +101,8 @@ def load_tokenizer_and_template(model_path: str, adapter: str | None, template: 
         adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path)
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
     # perplexity scores raw text and needs no chat template (a base model may have none)
-    chat_template = load_chat_template(model_path, tokenizer, template) if needs_chat_template else None
+    chat_template = (load_chat_template(model_path, tokenizer, template, system_prompt) if needs_chat_template
+                     else None)
     return tokenizer, chat_template
 
 
@@ -110,14 +112,15 @@ class LocalBackend:
     def __init__(self, model_path: str | None, adapter: str | None = None, template: str | None = None,
                  torch_dtype: str = "auto", trust_remote_code: bool = False, batch_size: int = 8,
                  tokenizer_path: str | None = None, attn_implementation: str | None = None,
-                 needs_chat_template: bool = True):
+                 needs_chat_template: bool = True, system_prompt: str | None = None):
         import torch
 
         from medtune.models.loader import load_model, resolve_model_path
 
         model_path = resolve_model_path(model_path)
         self.tokenizer, self.template = load_tokenizer_and_template(model_path, adapter, template, trust_remote_code,
-                                                                    tokenizer_path, needs_chat_template)
+                                                                    tokenizer_path, needs_chat_template,
+                                                                    system_prompt)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch_dtype if torch_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         model = load_model(model_path, torch_dtype=dtype, trust_remote_code=trust_remote_code,
@@ -370,7 +373,8 @@ class EndpointBackend:
     """
 
     def __init__(self, endpoint: str, model: str = "default", concurrency: int = 8, timeout: float = 600,
-                 api_key: str | None = None, max_retries: int = 5, key_option: str = "--endpoint_api_key"):
+                 api_key: str | None = None, max_retries: int = 5, key_option: str = "--endpoint_api_key",
+                 system_prompt: str | None = None):
         from openai import OpenAI
 
         self.url = openai_base_url(endpoint)
@@ -379,6 +383,7 @@ class EndpointBackend:
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.client = OpenAI(base_url=self.url, api_key=key, max_retries=max_retries, timeout=timeout)
         self.name = f"{endpoint} ({model})"
+        self.system_prompt = system_prompt  # sent as the system message of conversations that have none
 
     def choose(self, choices):
         raise ConfigError("--mode likelihood needs a local model (logits); use --mode generate with --endpoint")
@@ -387,6 +392,9 @@ class EndpointBackend:
         """One reply: greedy (temperature 0), or sampled with `sampling` = {temperature, top_p, seed}."""
         import openai
 
+        from medtune.templates.chat import with_system_prompt
+
+        messages = with_system_prompt(messages, self.system_prompt)
         try:
             completion = self.client.chat.completions.create(model=self.model_name, messages=messages,
                                                              max_tokens=max_new_tokens,

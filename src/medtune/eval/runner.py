@@ -50,12 +50,13 @@ def make_backend(model_args, eval_args):
         from medtune.eval.backends import EndpointBackend
 
         return EndpointBackend(eval_args.endpoint, eval_args.endpoint_model, api_key=eval_args.endpoint_api_key,
-                               max_retries=eval_args.endpoint_max_retries)
+                               max_retries=eval_args.endpoint_max_retries, system_prompt=eval_args.system_prompt)
     from medtune.eval.backends import LocalBackend
 
     return LocalBackend(model_args.model_name_or_path, eval_args.adapter_name_or_path, model_args.template,
                         model_args.torch_dtype, model_args.trust_remote_code, eval_args.batch_size,
-                        model_args.tokenizer_name_or_path, model_args.attn_implementation)
+                        model_args.tokenizer_name_or_path, model_args.attn_implementation,
+                        system_prompt=eval_args.system_prompt)
 
 
 def resolve_mode(eval_args) -> str:
@@ -102,6 +103,8 @@ def model_settings(model_args, eval_args, generates: bool) -> dict:
                      "adapter_weights": folder_fingerprint(eval_args.adapter_name_or_path)}
     if generates:
         settings |= {name: getattr(eval_args, name) for name in GENERATION_OPTIONS if hasattr(eval_args, name)}
+    if eval_args.system_prompt:  # only when set, so the answers of runs from before the option stay reusable
+        settings["system_prompt"] = eval_args.system_prompt
     return settings
 
 
@@ -405,6 +408,8 @@ def run_perplexity(model_args, eval_args) -> dict:
     from medtune.eval.backends import LocalBackend
     from medtune.models.loader import refuse_output_in_model_folder
 
+    if eval_args.system_prompt:
+        raise ConfigError("ppl scores raw text, rendered through no chat template: --system_prompt does not apply")
     refuse_output_in_model_folder(eval_args.output_dir, model_args.model_name_or_path, eval_args.adapter_name_or_path)
     documents, location = perplexity_documents(eval_args)
     logger.info("perplexity on %d documents of %s", len(documents), location)

@@ -151,6 +151,7 @@ def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool 
     (`quantization`, a BitsAndBytesConfig) is loaded straight onto this process's GPU, where bitsandbytes packs it."""
     from transformers import AutoModelForCausalLM
 
+    hide_library_deprecations()
     check_remote_code(path, trust_remote_code)
     model_type = read_model_config(path, required=True).get("model_type", "")
     if fp16 and model_type in _FP16_UNSAFE:
@@ -168,6 +169,16 @@ def load_model(path: str, *, torch_dtype: str = "auto", trust_remote_code: bool 
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise MedtuneError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+
+
+def hide_library_deprecations() -> None:
+    """Silence deprecation warnings that medtune's own calls do not cause and users cannot act on: peft 0.21
+    (wrapping a model in LoRA, loading an adapter) and trl 1.16 read PreTrainedModel.is_gradient_checkpointing, which
+    transformers 5 deprecates. Installed by `load_model`, which every stage, evaluation, merge, chat, serve and the
+    pipeline load their models through."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def lora_config(lora_args):
@@ -215,11 +226,12 @@ def generation_stop_ids(path: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def load_chat_template(model_path: str, tokenizer, name: str | None = None):
-    """The ChatTemplate every stage and inference path uses for this model (see medtune.templates.chat)."""
+def load_chat_template(model_path: str, tokenizer, name: str | None = None, system_prompt: str | None = None):
+    """The ChatTemplate every stage and inference path uses for this model (see medtune.templates.chat), giving
+    `system_prompt` to conversations that have no system message."""
     from medtune.templates.chat import ChatTemplate
 
-    return ChatTemplate.for_tokenizer(tokenizer, name, generation_stop_ids(model_path))
+    return ChatTemplate.for_tokenizer(tokenizer, name, generation_stop_ids(model_path), system_prompt)
 
 
 def optional_chat_template(model_path: str, tokenizer, name: str | None = None):

@@ -24,7 +24,8 @@ def measure_arguments(eval_args, options) -> dict[str, object]:
     measures["safety"] = replace(eval_args, mode="likelihood", data_dir=options.safety_file, limit=None, shots=0)
     if options.clin_limit:
         measures["clin"] = replace(eval_args, limit=options.clin_limit)
-    measures["perplexity"] = replace(eval_args, data_dir=options.perplexity_data_dir, limit=None)
+    # perplexity scores raw text: the eval section's system_prompt is for the chat-rendered measures
+    measures["perplexity"] = replace(eval_args, data_dir=options.perplexity_data_dir, limit=None, system_prompt=None)
     if options.general_eval_file:
         measures["general"] = replace(eval_args, mode="likelihood", data_dir=options.general_eval_file, shots=0)
     return measures

@@ -227,16 +227,13 @@ class Pipeline:
 
 def quiet_libraries() -> None:
     """The pipeline's log is one line per step plus one bar per long step (training, evaluation): no bars for
-    loading a few-MB model or writing a tokenized cache, and no warning users cannot act on."""
-    import warnings
-
+    loading a few-MB model or writing a tokenized cache (libraries' deprecation warnings are hidden where every
+    command loads its model, `medtune.models.loader.load_model`)."""
     import datasets
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights", shard writing
     datasets.disable_progress_bars()  # "Generating train split", "Saving the dataset"
-    # peft 0.21 reads PreTrainedModel.is_gradient_checkpointing, which transformers 5 deprecates: not ours to fix
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def main(argv: list[str]) -> int:

@@ -58,7 +58,7 @@ def data_summary(stage: str, model_args, data_args) -> list[dict]:
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_path, model_args.trust_remote_code)
     # pt measures raw documents: only the tokenizer matters (a base model may have no chat template)
     template = (SimpleNamespace(tokenizer=tokenizer) if stage == "pt"
-                else load_chat_template(model_path, tokenizer, model_args.template))
+                else load_chat_template(model_path, tokenizer, model_args.template, data_args.system_prompt))
     forced = None if getattr(data_args, "data_format", "auto") == "auto" else data_args.data_format
     entries = []
     for location in data_locations(stage, data_args):
@@ -79,14 +79,17 @@ def dropped_records(stage: str, records: list, template, data_args) -> dict:
     if stage == "sft":
         from medtune.data.sft import encode_conversations
 
-        _, stats = encode_conversations(records, template, data_args.model_max_length, data_args.train_on_prompt)
+        _, stats = encode_conversations(records, template, data_args.model_max_length, data_args.train_on_prompt,
+                                        data_args.max_source_length, data_args.max_target_length)
         dropped = {"no supervised token within model_max_length": stats.dropped_no_supervised_token}
         return {"dropped": {k: v for k, v in dropped.items() if v}, "truncated": stats.truncated}
     if stage == "dpo":
         from medtune.data.preference import encode_pairs
 
         usable = [p for p in records if p.chosen.strip() != p.rejected.strip()]  # the rule load_pairs applies
-        _, stats = encode_pairs(usable, template, data_args.max_length)
+        # the stage's truncation_mode lives in its training arguments; the count of cut pairs does not depend on it
+        _, stats = encode_pairs(usable, template, data_args.max_length, max_prompt=data_args.max_source_length,
+                                max_answer=data_args.max_target_length)
         dropped = {"chosen and rejected identical": len(records) - len(usable)}
         return {"dropped": {k: v for k, v in dropped.items() if v}, "truncated": stats.truncated}
     return {"dropped": {}}  # pt keeps every document; a dropped final partial block is counted in data_stats.json

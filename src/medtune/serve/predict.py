@@ -77,12 +77,13 @@ def prompt_format(record) -> str:
 class TransformersGenerator:
     """Replies from transformers `generate` on this machine (LocalBackend: greedy batches, per-prompt seeds)."""
 
-    def __init__(self, model_args, adapter: str | None, batch_size: int):
+    def __init__(self, model_args, adapter: str | None, batch_size: int, system_prompt: str | None = None):
         from medtune.eval.backends import LocalBackend
 
         self.backend = LocalBackend(model_args.model_name_or_path, adapter, model_args.template,
                                     model_args.torch_dtype, model_args.trust_remote_code, batch_size,
-                                    model_args.tokenizer_name_or_path, model_args.attn_implementation)
+                                    model_args.tokenizer_name_or_path, model_args.attn_implementation,
+                                    system_prompt=system_prompt)
 
     def replies(self, conversations: list[list[dict]], generation_args) -> list[list[str]]:
         n = generation_args.num_return_sequences
@@ -102,7 +103,8 @@ class VLLMGenerator:
     """Replies from vLLM's offline engine (`vllm.LLM`), fed the token ids our ChatTemplate renders, so vLLM's own
     chat-template handling never runs; a LoRA adapter is applied per request (`LoRARequest`), unmerged."""
 
-    def __init__(self, model_args, adapter: str | None, tensor_parallel_size: int, seed: int):
+    def __init__(self, model_args, adapter: str | None, tensor_parallel_size: int, seed: int,
+                 system_prompt: str | None = None):
         from vllm import LLM
 
         from medtune.eval.backends import load_tokenizer_and_template
@@ -113,7 +115,8 @@ class VLLMGenerator:
         model_path = resolve_model_path(model_args.model_name_or_path)
         tokenizer, self.template = load_tokenizer_and_template(model_path, adapter, model_args.template,
                                                                model_args.trust_remote_code,
-                                                               model_args.tokenizer_name_or_path)
+                                                               model_args.tokenizer_name_or_path,
+                                                               system_prompt=system_prompt)
         lora = {}
         if adapter:
             rank = lora_rank(adapter)
@@ -147,8 +150,9 @@ def require_backend(backend: str) -> None:
 def make_generator(model_args, adapter_args, generation_args, predict_args):
     if predict_args.backend == "vllm":
         return VLLMGenerator(model_args, adapter_args.adapter_name_or_path, predict_args.tensor_parallel_size,
-                             generation_args.seed)
-    return TransformersGenerator(model_args, adapter_args.adapter_name_or_path, predict_args.batch_size)
+                             generation_args.seed, predict_args.system_prompt)
+    return TransformersGenerator(model_args, adapter_args.adapter_name_or_path, predict_args.batch_size,
+                                 predict_args.system_prompt)
 
 
 def run_settings(model_args, adapter_args, generation_args, predict_args) -> dict:
@@ -166,7 +170,9 @@ def run_settings(model_args, adapter_args, generation_args, predict_args) -> dic
             "tokenizer": model_args.tokenizer_name_or_path, "torch_dtype": model_args.torch_dtype,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "backend": predict_args.backend,
             "model_weights": folder_fingerprint(model), "adapter_weights": folder_fingerprint(adapter),
-            **dataclasses.asdict(generation_args)}
+            **dataclasses.asdict(generation_args),
+            # only when set, so outputs written before the option existed can still be continued
+            **({"system_prompt": predict_args.system_prompt} if predict_args.system_prompt else {})}
 
 
 def check_same_settings(output: Path, settings: dict, answered: int) -> None:

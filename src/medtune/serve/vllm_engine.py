@@ -47,7 +47,8 @@ class VllmEngine:
         tokenizer_path = model_args.tokenizer_name_or_path or (
             adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_args.model_name_or_path)
         tokenizer = load_tokenizer(tokenizer_path, model_args.trust_remote_code)
-        template = load_chat_template(model_args.model_name_or_path, tokenizer, model_args.template)
+        template = load_chat_template(model_args.model_name_or_path, tokenizer, model_args.template,
+                                      serve_args.system_prompt)
         engine_args = AsyncEngineArgs(
             model=model_args.model_name_or_path, tokenizer=tokenizer_path,
             tensor_parallel_size=serve_args.tensor_parallel_size, trust_remote_code=model_args.trust_remote_code,

@@ -102,7 +102,7 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     train_pairs, eval_pairs, dropped = load_pairs(data_args)
     resume, model_path, tokenizer = start_stage(model_args, training_args,
                                                 (model_args, lora_args, data_args, training_args))
-    template = load_chat_template(model_path, tokenizer, model_args.template)
+    template = load_chat_template(model_path, tokenizer, model_args.template, data_args.system_prompt)
     train_set, eval_set, stats = prepare_preference_data(training_args, data_args, template, train_pairs, eval_pairs)
     callbacks = configure_evaluation(training_args, eval_set is not None)
 

@@ -31,7 +31,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     )
     from medtune.stages.logprobs import LabelOnlyLossTrainer
 
-    template = checked_template(model_args)  # before start_stage writes anything into output_dir
+    template = checked_template(model_args, data_args.system_prompt)  # before start_stage writes into output_dir
     tokenizer = template.tokenizer
     resume, model_path, _ = start_stage(model_args, training_args, (model_args, lora_args, data_args, training_args))
 
@@ -70,7 +70,7 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
                            chat_template=template)
 
 
-def checked_template(model_args):
+def checked_template(model_args, system_prompt: str | None = None):
     """The ChatTemplate for this run, checked against the tokenizer (a `--template` whose special tokens the
     tokenizer lacks is refused) before the stage writes anything."""
     from medtune.models.loader import load_chat_template, load_tokenizer, resolve_model_path
@@ -78,7 +78,7 @@ def checked_template(model_args):
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                model_args.trust_remote_code)
-    return load_chat_template(model_args.model_name_or_path, tokenizer, model_args.template)
+    return load_chat_template(model_args.model_name_or_path, tokenizer, model_args.template, system_prompt)
 
 
 def sft_collator(tokenizer, data_args, attn_implementation: str | None = None):

@@ -57,17 +57,36 @@ def missing_special_tokens(tokenizer, chat_format: ChatFormat) -> list[str]:
     return sorted(missing, key=chat_format.special_tokens.index)
 
 
-class ChatTemplate:
-    """A tokenizer plus the Jinja chat template that renders conversations for it."""
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """`messages` with `system_prompt` put first when they bring no system message of their own (`--system_prompt`).
 
-    def __init__(self, tokenizer, jinja: str, name: str, stop_strings: list[str]):
+    Without one (None or blank) the messages are left as they are, so the template renders its own default, e.g.
+    Qwen2.5's "You are Qwen, created by Alibaba Cloud..." when no system message is given."""
+    if not system_prompt or not system_prompt.strip() or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+class ChatTemplate:
+    """A tokenizer plus the Jinja chat template that renders conversations for it, and the system prompt given to
+    conversations that have none (see `with_system_prompt`)."""
+
+    def __init__(self, tokenizer, jinja: str, name: str, stop_strings: list[str], system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.jinja = jinja
         self.name = name
         self.stop_strings = [s for s in dict.fromkeys(stop_strings) if s]
+        self.system_prompt = system_prompt
+
+    @property
+    def cache_parts(self) -> list[str]:
+        """Everything of the template that decides a conversation's ids, for the tokenized-data cache keys."""
+        system = [f"system_prompt={self.system_prompt}"] if self.system_prompt else []
+        return [self.jinja, "|".join(self.stop_strings), *system]
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, name: str | None = None, stop_token_ids: list[int] | None = None) -> ChatTemplate:
+    def for_tokenizer(cls, tokenizer, name: str | None = None, stop_token_ids: list[int] | None = None,
+                      system_prompt: str | None = None) -> ChatTemplate:
         """The named template (`--template`), else the tokenizer's own `chat_template`."""
         stops = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(i) for i in (stop_token_ids or [])]
         if name:
@@ -79,19 +98,20 @@ class ChatTemplate:
                     "they would be trained on as ordinary text pieces. Use the template of the model's family, or "
                     "omit --template to use the tokenizer's own chat template")
             named_stops = [t for t in chat_format.stop_tokens if t in tokenizer.get_vocab()]
-            return cls(tokenizer, chat_format.jinja, name, named_stops + stops)
+            return cls(tokenizer, chat_format.jinja, name, named_stops + stops, system_prompt)
         jinja = tokenizer.chat_template
         if isinstance(jinja, dict):  # some tokenizers ship several named templates
             jinja = jinja.get("default") or next(iter(jinja.values()))
         if not jinja:
             raise TemplateError("the tokenizer has no chat_template; pass --template NAME (glm4, chatglm3, qwen, "
                                 "llama3, vicuna, alpaca)")
-        return cls(tokenizer, jinja, "tokenizer", stops + stops_written_by(jinja, tokenizer))
+        return cls(tokenizer, jinja, "tokenizer", stops + stops_written_by(jinja, tokenizer), system_prompt)
 
     # -- text -------------------------------------------------------------------------------------------------
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
+        return self.tokenizer.apply_chat_template(with_system_prompt(messages, self.system_prompt),
+                                                  chat_template=self.jinja, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
     def _stop_at(self, text: str, position: int) -> str | None:
