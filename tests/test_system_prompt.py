@@ -171,3 +171,21 @@ def test_pipeline_sections_take_it(tmp_path, section):
     config.write_text(f"stages: [sft, dpo, eval]\n{section}:\n  system_prompt: {SYSTEM}\n", encoding="utf-8")
     parsed = parse_plan(["--config", str(config), "--output_dir", str(tmp_path / "out")]).parse(section)
     assert [c.system_prompt for c in parsed if hasattr(c, "system_prompt")] == [SYSTEM]
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"sft": SYSTEM}, SYSTEM),                           # eval inherits the trained-with prompt
+    ({"sft": "甲", "dpo": "乙"}, "乙"),                   # the last training stage's (the final model's)
+    ({"sft": SYSTEM, "eval": "''"}, ""),                  # eval's own, even empty, wins
+    ({}, None),                                          # nothing set: the template's default, as before
+])
+def test_the_pipeline_evaluates_with_the_system_prompt_the_models_were_trained_with(tmp_path, sections, expected):
+    from medtune.pipeline.config import parse_plan
+    from medtune.pipeline.run import Pipeline
+
+    config = tmp_path / "pipeline.yaml"
+    body = "".join(f"{name}:\n  system_prompt: {value}\n" for name, value in sections.items())
+    config.write_text(f"stages: [sft, dpo, eval]\n{body}", encoding="utf-8")
+    argv = ["--config", str(config), "--output_dir", str(tmp_path / "out")]
+    pipeline = Pipeline(parse_plan(argv), argv)
+    assert pipeline.sections["eval"][0].system_prompt == expected

@@ -33,6 +33,22 @@ def training_units(training_args) -> float:
     return steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
 
 
+def inherit_system_prompt(sections: dict[str, tuple], eval_section: str) -> None:
+    """The models are evaluated with the system prompt they were trained with: an eval section without its own
+    `system_prompt` takes the last training section's (dpo, else sft), for the base model too, so every model
+    answers the same prompts."""
+    eval_args = sections[eval_section][0]
+    if eval_args.system_prompt is not None:
+        return
+    for stage in ("dpo", "sft"):
+        prompt = sections[stage][2].system_prompt if stage in sections else None
+        if prompt is not None:
+            eval_args.system_prompt = prompt
+            logger.info("eval: every model is evaluated with the %s section's system_prompt (set eval.system_prompt "
+                        "to choose another, or '' for none)", stage)
+            return
+
+
 def validate_data(stage: str, configs: tuple) -> None:
     """Read and check every record the stage will train on, before a finished stage could be replaced."""
     data_args = configs[2]
@@ -73,6 +89,7 @@ class Pipeline:
             sections["eval-sets"] = sections.get("eval") or self.plan.parse("eval")
         for name in ("eval", "eval-sets"):
             if name in sections:
+                inherit_system_prompt(sections, name)
                 check_eval_inputs(*sections[name])
                 break
         return sections
