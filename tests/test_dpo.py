@@ -6,11 +6,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from torch import nn
 from transformers import AutoTokenizer
 
 from medtune.config import parse_arguments
 from medtune.data.loading import load_records
 from medtune.data.preference import encode_pairs, fit_to_length
+from medtune.models.dropout import FastDropout
 from medtune.models.loader import load_chat_template
 from medtune.stages import dpo, sft
 
@@ -158,6 +160,8 @@ def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
     pairs, _ = load_records(PAIRS, "preference")
     trainer, _, _ = build_dpo_trainer(glm4_dir, tmp_path, pairs[:4])
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
+    dropouts = [m for m in trainer.model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(type(m) is FastDropout for m in dropouts)  # the adapter TRL attached drops cheaply
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * sum(
         p.numel() for p in trainer.model.parameters())
 

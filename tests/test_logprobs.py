@@ -98,3 +98,30 @@ def test_a_second_backward_through_the_head_is_refused():
     log_probs.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         log_probs.sum().backward()
+
+
+def test_under_bfloat16_autocast_the_head_matches_cross_entropy_with_a_float32_trainable_head():
+    """Autocast multiplies in bfloat16 while the trained head's weight stays float32 (LoRA's modules_to_save): the
+    backward multiplies in the forward's dtype and returns each gradient in its tensor's dtype."""
+    from medtune.stages.logprobs import _LinearLogProbs
+
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(24, 32, generator=generator).bfloat16().requires_grad_()
+    weight = torch.randn(40, 32, generator=generator).requires_grad_()
+    targets = torch.randint(0, 40, (24,), generator=generator)
+    results = []
+    for path in ("reference", "label_only"):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if path == "reference":
+                logits = torch.nn.functional.linear(hidden, weight).float()
+                log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            else:
+                log_probs = _LinearLogProbs.apply(hidden, weight, None, targets)
+        log_probs.sum().backward()
+        results.append((log_probs.detach(), hidden.grad, weight.grad))
+    (ref_lp, ref_hidden, ref_weight), (lp, grad_hidden, grad_weight) = results
+    assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(grad_hidden, ref_hidden, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad_weight, ref_weight, atol=2e-2, rtol=2e-2)

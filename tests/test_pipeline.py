@@ -258,3 +258,18 @@ def test_chance_is_averaged_like_the_overall_score():
     # classes: 甲 (1/5 + 1/4) / 2, 乙 1/31; types: 医师 the mean of its two classes, 护理 1/4; overall their mean
     expected = (((0.2 + 0.25) / 2 + 1 / 31) / 2 + 0.25) / 2
     assert chance_accuracy(items, keys, official=False) == pytest.approx(expected, abs=1e-12)
+
+
+def test_options_added_to_medtune_later_do_not_rerun_finished_steps(tmp_path):
+    """A step recorded before an option existed is finished for a record that has the option unset (None), and
+    runs again once the option is set."""
+    from medtune.pipeline.state import PipelineState
+
+    state = PipelineState(tmp_path)
+    old = {"options": {"learning_rate": 0.001}, "inputs": {"a.jsonl": "123"}}
+    state.steps["sft"] = {"record": old, "finished": True}
+    unset = {"options": {"learning_rate": 0.001, "system_prompt": None}, "inputs": {"a.jsonl": "123"}}
+    assert state.reason_to_run("sft", unset) is None
+    assert state.reason_to_run("sft", {**unset, "options": {**unset["options"], "system_prompt": "你是医生。"}}) == (
+        "system_prompt set to '你是医生。'")
+    assert state.reason_to_run("sft", {**unset, "options": {"learning_rate": None}}) == "learning_rate 0.001 -> None"

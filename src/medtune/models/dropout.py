@@ -5,7 +5,8 @@ Twister call per element (`bernoulli_`), serially: on the tiny models that was t
 after the matrix products (about 15% of an SFT or PT step, measured with torch.profiler). `FastDropout` draws one
 64-bit random number per four elements and compares each 16-bit quarter with a threshold, so the drop probability
 is `p` rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and kept values are scaled by 1 / (1 - that
-probability): the output's expectation is the input exactly, as with `nn.Dropout`. Only the random stream
+probability): the output's expectation is the input (exactly in float32; in bfloat16 the scale itself rounds,
+1/0.95 to 1.0547, as it does in torch's dropout). Only the random stream
 differs from `nn.Dropout`; on other devices (CUDA's dropout is a fast fused kernel) and in eval mode it *is*
 `nn.Dropout`.
 """

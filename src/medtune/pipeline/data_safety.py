@@ -73,7 +73,9 @@ def scrub_step(state, sources: dict[str, str], validation: dict[str, str]) -> tu
     folder = state.folder("scrub")
     jobs = {**{stage: (source, folder / stage) for stage, source in sources.items()},
             **{f"{stage}_validation": (source, folder / f"{stage}_validation") for stage, source in validation.items()}}
-    record = {"options": {}, "trains": sources, "validates": validation,
+    # "validates" only when there is validation data: a scrub step recorded before validation files were scrubbed
+    # (and with none to scrub) stays finished
+    record = {"options": {}, "trains": sources, **({"validates": validation} if validation else {}),
               "inputs": digests(data_files([source for source, _ in jobs.values()], SUFFIXES))}
 
     def work() -> dict:

@@ -34,6 +34,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def comparable(record: dict) -> dict:
+    """The record as steps are compared: an option that is None (unset) counts as absent, so an option added to
+    medtune after a step ran (recorded by newer code as None) does not make a finished step run again."""
+    options = {key: value for key, value in record.get("options", {}).items() if value is not None}
+    return {**record, "options": options} if "options" in record else record
+
+
 def describe_changes(previous: dict, current: dict) -> str:
     """'learning_rate 0.002 -> 0.0001; data/a.txt changed' -- why a finished step must run again."""
     reasons = []
@@ -112,7 +119,7 @@ class PipelineState:
         if previous is None:
             cause = self.invalidated_by.get(name)
             return cause or "first run"
-        if previous["record"] != record:
+        if comparable(previous["record"]) != comparable(record):
             return describe_changes(previous["record"], record)
         return None if previous["finished"] else "interrupted"
 

@@ -69,10 +69,14 @@ def method_trainer(training_args: DPOTrainingArguments, max_length: int):
 
 def build_trainer(training_args, data_args, model, tokenizer, train_set, eval_set, peft_config):
     """The TRL trainer for `loss_type` on datasets from `build_preference_split`."""
+    from medtune.models.dropout import use_fast_lora_dropout
+
     trainer_class, args = method_trainer(training_args, data_args.max_length)
     extra = {"ref_model": None} if training_args.loss_type in DPO_LOSSES else {}
-    return trainer_class(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                         train_dataset=train_set, eval_dataset=eval_set, **extra)
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+                            train_dataset=train_set, eval_dataset=eval_set, **extra)
+    use_fast_lora_dropout(trainer.model)  # the trainer attached the adapter (peft_config)
+    return trainer
 
 
 def prepare_preference_data(training_args, data_args, template, train_pairs, eval_pairs) -> tuple:
@@ -93,7 +97,6 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     import os
 
     from medtune.data.preference import load_pairs
-    from medtune.models.dropout import use_fast_lora_dropout
     from medtune.models.loader import load_chat_template, lora_config
     from medtune.stages.common import configure_evaluation, finish_training, load_training_model, start_stage
 
@@ -109,7 +112,6 @@ def run_dpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pre
     model = load_training_model(model_path, model_args, training_args)
     peft_config = lora_config(lora_args) if lora_args.use_peft else None
     trainer = build_trainer(training_args, data_args, model, tokenizer, train_set, eval_set, peft_config)
-    use_fast_lora_dropout(trainer.model)  # TRL attached the adapter
     stats.update({"dropped_identical": dropped, "loss_type": training_args.loss_type, "template": template.name})
     logger.info("preference pairs: %s", stats)
     for callback in callbacks:

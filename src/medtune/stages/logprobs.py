@@ -85,11 +85,14 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         logits = torch.nn.functional.linear(hidden, weight, bias)
+        compute_dtype = logits.dtype
         log_softmax = torch.log_softmax(logits.float(), dim=-1)
-        del logits
+        del logits  # the largest tensor of the step: at most one copy of it lives at a time
         log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, targets, log_softmax.exp_())
-        ctx.has_bias, ctx.used = bias is not None, False
+        # the dtype the head multiplied in (autocast may have chosen another than the weight's or the input's):
+        # the backward's products run in it too, as linear's own backward would
+        ctx.has_bias, ctx.used, ctx.compute_dtype = bias is not None, False, compute_dtype
         return log_probs
 
     @staticmethod
@@ -100,10 +103,11 @@ class _LinearLogProbs(torch.autograd.Function):
         hidden, weight, targets, probs = ctx.saved_tensors
         grad_logits = probs.mul_(-grad_log_probs[:, None])
         grad_logits[torch.arange(len(targets), device=targets.device), targets] += grad_log_probs
-        grad_logits = grad_logits.to(weight.dtype)
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
-        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_logits = grad_logits.to(ctx.compute_dtype)
+        grad_hidden = (grad_logits @ weight.to(ctx.compute_dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = ((grad_logits.T @ hidden.to(ctx.compute_dtype)).to(weight.dtype) if ctx.needs_input_grad[1]
+                       else None)
+        grad_bias = grad_logits.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None
 
 
