@@ -244,12 +244,14 @@ class SourceTargetLengthArguments:
                           "truncation_mode says). sft: per turn, the tokens before each reply (the user turn with "
                           "the template's tags; the system prompt too for the first turn) keep at most this many: "
                           "their end, i.e. the question and the assistant tag, plus the template's leading tokens "
-                          "such as [gMASK]<sop>. Applied before the overall length limit."},
+                          "such as [gMASK]<sop> and the user turn's role header. Applied before the overall length "
+                          "limit."},
     )
     max_target_length: int | None = field(
         default=None,
         metadata={"help": "MedicalGPT's name: most reply tokens. dpo: each answer; sft: each assistant reply (with "
-                          "its stop token); cut at the end. Applied before the overall length limit."},
+                          "its stop token); cut at the end, an sft reply keeping its stop token. Applied before the "
+                          "overall length limit."},
     )
 
     def length_limit(self, given: int | None, default: int) -> int:
