@@ -211,6 +211,39 @@ def test_a_host_it_cannot_listen_on_is_one_clear_error(glm4_dir):
                                                             "cannot listen there")
 
 
+def test_an_empty_host_listens_on_every_ipv4_interface(glm4_dir, tmp_path):
+    with serve_process(tmp_path / "server.log", "--model", str(glm4_dir), "--host", "") as url:
+        port = re.fullmatch(r"http://0\.0\.0\.0:(\d+)", url).group(1)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+
+
+def test_a_connection_while_the_model_loads_is_refused_not_left_hanging(glm4_dir, monkeypatch):
+    """The port is bound before the model loads (a busy port fails at once) but listens only once uvicorn serves."""
+    import medtune.serve as serve
+    from medtune.config import AdapterArguments, ModelArguments, ServeArguments
+
+    bound, outcome = [], []
+    bind = serve.bind
+    monkeypatch.setattr(serve, "bind", lambda host, port: bound.append(bind(host, port)) or bound[-1])
+
+    class StillLoading(Exception):
+        pass
+
+    def load_model(*_):
+        try:
+            socket.create_connection(("127.0.0.1", bound[0].getsockname()[1]), timeout=5).close()
+            outcome.append("accepted")
+        except ConnectionRefusedError:
+            outcome.append("refused")
+        raise StillLoading
+
+    monkeypatch.setattr(serve, "build_engine", load_model)
+    with pytest.raises(StillLoading):
+        serve.run_serve(ModelArguments(model_name_or_path=str(glm4_dir)), AdapterArguments(), ServeArguments(port=0))
+    assert outcome == ["refused"]
+    assert bound[0].fileno() == -1  # a failed load closes the port
+
+
 def test_models_and_health(client, served, glm4_dir):
     assert [m.id for m in client.models.list().data] == [glm4_dir.name]
     health = httpx.get(served[0] + "/health").json()  # no key needed: for load balancers

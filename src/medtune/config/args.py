@@ -729,8 +729,8 @@ class ServeArguments(BackendArguments, SystemPromptArguments):
     """`medtune serve`: an OpenAI-compatible HTTP server with a chat page."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on, IPv4 or IPv6; 127.0.0.1 (or "
-                                                             "::1) keeps the server on this machine (0.0.0.0: every "
-                                                             "IPv4 interface, :: every IPv6 one)."})
+                                                             "::1) keeps the server on this machine (0.0.0.0 or '': "
+                                                             "every IPv4 interface, :: every IPv6 one)."})
     port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)."})
     api_key: str | None = field(
         default=None, metadata={"help": "Clients must send `Authorization: Bearer KEY` to /v1/ routes (401 "
