@@ -29,7 +29,7 @@ def test_serve_does_not_import_the_evaluation_driver():
     assert {name: found for name, found in importers.items() if found} == {}
 
 
-def test_eval_and_predict_resume_with_the_same_helpers():
+def test_eval_and_predict_import_their_resume_helpers_from_data_resume():
     from medtune.data import resume
     from medtune.eval import runner
     from medtune.serve import predict

@@ -127,22 +127,35 @@ def test_stop_string_ends_the_reply_before_it(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
-def test_text_completions_continue_the_raw_prompt(client, backend):
+@pytest.mark.parametrize("extra_body, special", [(None, True), ({"add_special_tokens": False}, False)],
+                         ids=["default_as_vllm", "add_special_tokens_false"])
+def test_text_completions_add_the_special_tokens_as_vllm_does_unless_asked_not_to(client, backend, extra_body,
+                                                                                  special):
     import torch
 
     prompt = "高血压的常见症状有"
-    plain = client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=8)
-    streamed = client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=8, stream=True)
+    plain = client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=8, extra_body=extra_body)
+    streamed = client.completions.create(model="any", prompt=prompt, temperature=0, max_tokens=8, stream=True,
+                                         extra_body=extra_body)
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
-    # the text as given, without the [gMASK]<sop> the GLM-4 tokenizer adds to its inputs
+    # by default the GLM-4 tokenizer's [gMASK]<sop> goes first (vLLM's add_special_tokens=True); false: the raw text
     raw = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert len(backend.tokenizer(prompt)["input_ids"]) == len(raw) + 2
-    assert plain.usage.prompt_tokens == len(raw)
+    fed = backend.tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"]) + raw if special else raw
+    assert plain.usage.prompt_tokens == len(fed) == len(raw) + 2 * special
     assert plain.usage.completion_tokens == 8
     with torch.no_grad():
-        greedy = backend.model.generate(input_ids=torch.tensor([raw]), attention_mask=torch.ones(1, len(raw)),
+        greedy = backend.model.generate(input_ids=torch.tensor([fed]), attention_mask=torch.ones(1, len(fed)),
                                         **backend.decoding_options(8))
-    assert plain.choices[0].text == backend.decode(backend.reply_ids(greedy[0, len(raw):]))
+    assert plain.choices[0].text == backend.decode(backend.reply_ids(greedy[0, len(fed):]))
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_add_special_tokens_that_is_not_a_bool_is_a_400(served, value):
+    response = httpx.post(served[0] + "/v1/completions", json={"prompt": "头痛", "add_special_tokens": value},
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "add_special_tokens"
 
 
 SYSTEM = "你是医生。"
@@ -178,9 +191,9 @@ def test_system_prompt_goes_to_requests_without_a_system_message(served_with_sys
         assert reply.usage.prompt_tokens == len(backend.template.prompt_ids(rendered))
         assert reply.choices[0].message.content.strip() == backend.generate([rendered], max_new_tokens=6)[0]
     assert len(backend.template.prompt_ids(given)) != len(backend.template.prompt_ids(QUESTION))
-    # the raw-text completions route renders no chat template, so no system prompt either
+    # the text completions route renders no chat template, so no system prompt either
     text = client.completions.create(model="any", prompt="高血压", temperature=0, max_tokens=2)
-    assert text.usage.prompt_tokens == len(backend.tokenizer("高血压", add_special_tokens=False)["input_ids"])
+    assert text.usage.prompt_tokens == len(backend.tokenizer("高血压")["input_ids"])
 
 
 def test_serve_listens_on_an_ipv6_address(served_with_system_prompt):
@@ -196,6 +209,39 @@ def test_a_host_it_cannot_listen_on_is_one_clear_error(glm4_dir):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("medtune: error: --host no-such-host.invalid --port 0: "
                                                             "cannot listen there")
+
+
+def test_an_empty_host_listens_on_every_ipv4_interface(glm4_dir, tmp_path):
+    with serve_process(tmp_path / "server.log", "--model", str(glm4_dir), "--host", "") as url:
+        port = re.fullmatch(r"http://0\.0\.0\.0:(\d+)", url).group(1)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+
+
+def test_a_connection_while_the_model_loads_is_refused_not_left_hanging(glm4_dir, monkeypatch):
+    """The port is bound before the model loads (a busy port fails at once) but listens only once uvicorn serves."""
+    import medtune.serve as serve
+    from medtune.config import AdapterArguments, ModelArguments, ServeArguments
+
+    bound, outcome = [], []
+    bind = serve.bind
+    monkeypatch.setattr(serve, "bind", lambda host, port: bound.append(bind(host, port)) or bound[-1])
+
+    class StillLoading(Exception):
+        pass
+
+    def load_model(*_):
+        try:
+            socket.create_connection(("127.0.0.1", bound[0].getsockname()[1]), timeout=5).close()
+            outcome.append("accepted")
+        except ConnectionRefusedError:
+            outcome.append("refused")
+        raise StillLoading
+
+    monkeypatch.setattr(serve, "build_engine", load_model)
+    with pytest.raises(StillLoading):
+        serve.run_serve(ModelArguments(model_name_or_path=str(glm4_dir)), AdapterArguments(), ServeArguments(port=0))
+    assert outcome == ["refused"]
+    assert bound[0].fileno() == -1  # a failed load closes the port
 
 
 def test_models_and_health(client, served, glm4_dir):

@@ -242,31 +242,48 @@ def test_label_only_head_trains_with_the_standard_loss(tiny_model, tmp_path, mon
     assert label_only == pytest.approx(standard, abs=1e-5)
 
 
-def test_max_source_and_target_length_cut_each_turn_as_medicalgpt_names_them(tiny_model):
+# Per family: (max_source, max_target), the user role header, the generation prompt, the stop tail of a reply that
+# another turn follows and of the last reply, and how many question tokens each cut source keeps.
+TURN_CUTS = {
+    # GLM-4: the stop of a reply is the next turn's <|user|> tag (labelled), so turn 2's source starts at its "\n"
+    "glm4": ((8, 3), "[gMASK]<sop>", "<|user|>\n", "<|assistant|>\n", "<|user|>", "<|endoftext|>", (2, 5)),
+    # ChatML: a reply ends "<|im_end|>\n", and every user turn starts with its own <|im_start|>user header
+    "qwen2": ((22, 4), "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n",
+              "<|im_end|>\n", (3, 3)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TURN_CUTS))
+def test_max_source_and_target_length_cut_each_turn_as_medicalgpt_names_them(tiny_model, family):
+    """A cut source keeps the template's leading tokens, the user role header and its end; a cut reply keeps its
+    start and its stop token (labelled), so no turn runs into the next one without a turn marker."""
     from medtune.data.records import Conversation
 
-    folder = tiny_model("glm4")
+    folder = tiny_model(family)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template = load_chat_template(str(folder), tokenizer)
+    (max_source, max_target), head, header, generation, stop, last_stop, (kept_1, kept_2) = TURN_CUTS[family]
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    long_question, long_reply = "请解释高血压的分级标准。" * 3, "休息。" * 5
-    conversation = Conversation([{"role": "user", "content": long_question},
-                                 {"role": "assistant", "content": long_reply},
-                                 {"role": "user", "content": "头痛？"}, {"role": "assistant", "content": "休息。"}])
-    examples, stats = encode_conversations([conversation], template, max_length=64, max_source=8, max_target=3)
-    # turn 1: the source keeps [gMASK]<sop> and its last 6 tokens (the question's end and the assistant tag), the
-    # reply its first 3 tokens; turn 2 fits both limits and is kept whole (its reply with the stop token)
-    source_1 = ids("[gMASK]<sop>") + ids(long_question)[-4:] + ids("<|assistant|>\n")
-    reply_1 = ids(long_reply)[:3]
-    source_2, reply_2 = ids("\n头痛？<|assistant|>\n"), ids("休息。<|endoftext|>")
-    assert examples[0]["input_ids"] == source_1 + reply_1 + source_2 + reply_2
-    assert examples[0]["labels"] == [-100] * 8 + reply_1 + [-100] * len(source_2) + reply_2
+    question_1, question_2, reply_1, reply_2 = "请解释高血压的分级标准。" * 3, "头痛该怎么办？" * 2, "休息。" * 5, "多喝水。" * 3
+    conversation = Conversation([{"role": "user", "content": question_1}, {"role": "assistant", "content": reply_1},
+                                 {"role": "user", "content": question_2}, {"role": "assistant", "content": reply_2}])
+    examples, stats = encode_conversations([conversation], template, max_length=128, max_source=max_source,
+                                           max_target=max_target)
+    # the second user header lies in turn 2's source, except what the previous reply's stop already wrote
+    header_2 = ids(header)[len(ids(stop)) if header.startswith(stop) else 0:]
+    source_1 = ids(head) + ids(header) + ids(question_1)[-kept_1:] + ids(generation)
+    source_2 = header_2 + ids(question_2)[-kept_2:] + ids(generation)
+    cut_reply_1 = ids(reply_1)[:max_target - len(ids(stop))] + ids(stop)
+    cut_reply_2 = ids(reply_2)[:max_target - len(ids(last_stop))] + ids(last_stop)
+    assert len(source_1) == len(source_2) == max_source and len(cut_reply_1) == len(cut_reply_2) == max_target
+    assert examples[0]["input_ids"] == source_1 + cut_reply_1 + source_2 + cut_reply_2
+    assert examples[0]["labels"] == [-100] * max_source + cut_reply_1 + [-100] * max_source + cut_reply_2
     assert stats.truncated == 1 and stats.dropped_no_supervised_token == 0
-    on_prompt, _ = encode_conversations([conversation], template, 64, train_on_prompt=True, max_source=8,
-                                        max_target=3)
+    on_prompt, _ = encode_conversations([conversation], template, 128, train_on_prompt=True, max_source=max_source,
+                                        max_target=max_target)
     assert on_prompt[0]["labels"] == on_prompt[0]["input_ids"] == examples[0]["input_ids"]
 
 

@@ -141,12 +141,19 @@ def test_chat_keeps_its_own_default_through_the_shared_option():
     assert parse_arguments(types, ["--system_prompt", ""])[-1].system_prompt == ""
 
 
-def test_predict_uses_it_for_records_without_a_system_message(glm4_dir, tmp_path):
+def test_predict_uses_it_for_records_without_a_system_message(glm4_dir, tmp_path, tokenizer, monkeypatch):
+    """The prompt ids predict feeds the model hold the system prompt (a record's own system message wins); the
+    replies are those of the evaluation's backend for the same conversations."""
     import json
 
     from medtune.config import PredictArguments
     from medtune.eval.backends import LocalBackend
     from medtune.serve.predict import run_predict
+
+    fed = []
+    prompt_ids = ChatTemplate.prompt_ids
+    monkeypatch.setattr(ChatTemplate, "prompt_ids", lambda self, messages: fed.append(prompt_ids(self, messages))
+                        or fed[-1])
 
     source = tmp_path / "prompts.jsonl"
     source.write_text(json.dumps({"id": "a", "prompt": "头痛？"}, ensure_ascii=False) + "\n"
@@ -156,6 +163,8 @@ def test_predict_uses_it_for_records_without_a_system_message(glm4_dir, tmp_path
     types = (ModelArguments, AdapterArguments, GenerationArguments, PredictArguments)
     run_predict(*parse_arguments(types, ["--model", str(glm4_dir), "--input", str(source), "--output", str(output),
                                          "--max_new_tokens", "6", "--system_prompt", SYSTEM]))
+    assert fed == [ids(tokenizer, f"[gMASK]<sop><|system|>\n{system}<|user|>\n头痛？<|assistant|>\n")
+                   for system in (SYSTEM, "你是药师。")]
     replies = {r["id"]: r["replies"] for r in map(json.loads, output.read_text(encoding="utf-8").splitlines())}
     reference = LocalBackend(str(glm4_dir)).generate(
         [[{"role": "system", "content": SYSTEM}, *QUESTION], [{"role": "system", "content": "你是药师。"}, *QUESTION]],

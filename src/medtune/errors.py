@@ -79,8 +79,10 @@ def free_space(path: Path) -> int:
 @contextlib.contextmanager
 def failed_write_reported(describe: Callable[[BaseException], str], any_os_error: bool = False):
     """A full disk while writing (with `any_os_error` any OSError: a folder not writable, ...) becomes one line,
-    `describe(exc)`: the user's environment, not a bug, so no traceback. `describe` also cleans up what the
-    failed write left. A MedtuneError raised inside passes through untouched: it already is one line."""
+    `describe(exc)`: the user's environment, not a bug, so no traceback. The caller removes what the failed write
+    left, in `describe` (the training stages' `disk_full_reported`) or in its own `except` around the block (merge,
+    whose `describe` only words the line). A MedtuneError raised inside passes through untouched: it already is one
+    line."""
     try:
         yield
     except MedtuneError:

@@ -247,12 +247,14 @@ class SourceTargetLengthArguments:
                           "truncation_mode says). sft: per turn, the tokens before each reply (the user turn with "
                           "the template's tags; the system prompt too for the first turn) keep at most this many: "
                           "their end, i.e. the question and the assistant tag, plus the template's leading tokens "
-                          "such as [gMASK]<sop>. Applied before the overall length limit."},
+                          "such as [gMASK]<sop> and the user turn's role header. Applied before the overall length "
+                          "limit."},
     )
     max_target_length: int | None = field(
         default=None,
         metadata={"help": "MedicalGPT's name: most reply tokens. dpo: each answer; sft: each assistant reply (with "
-                          "its stop token); cut at the end. Applied before the overall length limit."},
+                          "its stop token); cut at the end, an sft reply keeping its stop token. Applied before the "
+                          "overall length limit."},
     )
 
     def length_limit(self, given: int | None, default: int) -> int:
@@ -730,8 +732,8 @@ class ServeArguments(BackendArguments, SystemPromptArguments):
     """`medtune serve`: an OpenAI-compatible HTTP server with a chat page."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on, IPv4 or IPv6; 127.0.0.1 (or "
-                                                             "::1) keeps the server on this machine (0.0.0.0: every "
-                                                             "IPv4 interface, :: every IPv6 one)."})
+                                                             "::1) keeps the server on this machine (0.0.0.0 or '': "
+                                                             "every IPv4 interface, :: every IPv6 one)."})
     port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)."})
     api_key: str | None = field(
         default=None, metadata={"help": "Clients must send `Authorization: Bearer KEY` to /v1/ routes (401 "

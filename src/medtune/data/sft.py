@@ -2,8 +2,8 @@
 
 Truncation keeps the start of a conversation up to `model_max_length`; a sample left with no supervised token
 is dropped and counted (never trained on silently). Before that, MedicalGPT's per-turn limits apply when given:
-the tokens before each reply keep at most `max_source_length` (their end, plus the template's leading tokens) and
-each reply at most `max_target_length` (its start). Packing uses best-fit-decreasing bins, so almost every
+the tokens before each reply keep at most `max_source_length` (their end, plus the template's leading tokens and
+the user turn's role header) and each reply at most `max_target_length` (its start and its stop token). Packing uses best-fit-decreasing bins, so almost every
 computed position is a real token.
 """
 
@@ -23,7 +23,7 @@ from medtune.templates.chat import IGNORE_INDEX, ChatTemplate, TemplateError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: whole-conversation tokenization (offsets)
+CACHE_VERSION = 3  # 2: whole-conversation tokenization (offsets); 3: per-turn cuts keep role headers and stops
 
 
 @dataclass
@@ -68,30 +68,42 @@ def label_runs(labels: list[int]) -> list[tuple[int, int, bool]]:
     return runs
 
 
-def cut_turns(input_ids: list[int], labels: list[int], head: list[int], max_source: int | None,
+def cut_turns(input_ids: list[int], labels: list[int], kept: set[int], stop_ids: set[int], max_source: int | None,
               max_target: int | None) -> tuple[list[int], list[int], bool]:
     """MedicalGPT's per-turn limits on (ids, assistant-only labels): every run of prompt tokens (a turn's source:
     the user turn with the template's tags, the system prompt too before the first reply) keeps its last
-    `max_source` tokens, so the question and the generation prompt right before the reply stay, plus the
-    template's leading `head` tokens (e.g. [gMASK]<sop>); every reply keeps its first `max_target` tokens.
+    `max_source` tokens, so the question and the generation prompt right before the reply stay, and always its
+    positions in `kept` (the template's leading tokens such as [gMASK]<sop>, the user turn's role header); every
+    reply keeps its first tokens and always its stop tokens (e.g. <|im_end|>, GLM-4's next <|user|>), labelled as
+    uncut, within `max_target`, so a cut turn still ends where the next one visibly begins.
     Returns the cut ids and labels and whether anything was cut."""
-    from medtune.data.preference import cut_prompt
-
-    cut_ids: list[int] = []
-    cut_labels: list[int] = []
+    positions: list[int] = []
     for start, end, is_reply in label_runs(labels):
-        ids, run_labels = input_ids[start:end], labels[start:end]
+        run = range(start, end)
         limit = max_target if is_reply else max_source
-        if limit is not None and len(ids) > limit:
-            if is_reply:
-                ids, run_labels = ids[:limit], run_labels[:limit]
-            else:
-                kept_head = head if start == 0 and ids[:len(head)] == head else []
-                ids = cut_prompt(ids, max(limit, len(kept_head)), kept_head, "keep_end")
-                run_labels = [IGNORE_INDEX] * len(ids)
-        cut_ids += ids
-        cut_labels += run_labels
-    return cut_ids, cut_labels, len(cut_ids) < len(input_ids)
+        if limit is None or len(run) <= limit:
+            positions += run
+        elif is_reply:
+            positions += reply_start_and_stop(run, input_ids, stop_ids, limit)
+        else:
+            positions += source_frame_and_end(run, kept, limit)
+    return [input_ids[p] for p in positions], [labels[p] for p in positions], len(positions) < len(input_ids)
+
+
+def reply_start_and_stop(run: range, input_ids: list[int], stop_ids: set[int], limit: int) -> list[int]:
+    """The positions of a reply cut to `limit` tokens: its start and its tail from its last stop token on (the
+    whole tail even when that alone exceeds the limit)."""
+    tail = next((p for p in reversed(run) if input_ids[p] in stop_ids), run.stop)
+    return [*range(run.start, min(tail, run.start + max(limit - (run.stop - tail), 0))), *range(tail, run.stop)]
+
+
+def source_frame_and_end(run: range, kept: set[int], limit: int) -> list[int]:
+    """The positions of a source cut to `limit` tokens: its `kept` ones (all of them, even beyond the limit) and
+    as many of its last others as fit."""
+    frame = [p for p in run if p in kept]
+    others = [p for p in run if p not in kept]
+    room = max(limit - len(frame), 0)
+    return sorted(frame + others[len(others) - room:])
 
 
 def encode_conversations(conversations: list[Conversation], template: ChatTemplate, max_length: int,
@@ -101,17 +113,21 @@ def encode_conversations(conversations: list[Conversation], template: ChatTempla
     examples = []
     per_turn = max_source is not None or max_target is not None
     head = template.head_ids if per_turn else []
+    stop_ids = set(template.stop_token_ids)
     for conversation in conversations:
         stats.conversations += 1
         try:
             # per-turn limits find the turns by the assistant-only labels; train_on_prompt relabels afterwards
-            encoded = template.encode(conversation.messages, train_on_prompt=train_on_prompt and not per_turn)
+            encoded = template.encode(conversation.messages, train_on_prompt=train_on_prompt and not per_turn,
+                                      mark_user_headers=per_turn)
         except TemplateError as exc:
             raise TemplateError(f"{conversation.source}: {exc}") from None
         input_ids, labels = encoded.input_ids, encoded.labels
         cut = False
         if per_turn:
-            input_ids, labels, cut = cut_turns(input_ids, labels, head, max_source, max_target)
+            kept = set(encoded.user_header_positions)
+            kept.update(range(len(head)) if input_ids[:len(head)] == head else ())
+            input_ids, labels, cut = cut_turns(input_ids, labels, kept, stop_ids, max_source, max_target)
             labels = list(input_ids) if train_on_prompt else labels
         if len(input_ids) > max_length:
             input_ids, labels, cut = input_ids[:max_length], labels[:max_length], True

@@ -34,20 +34,35 @@ def build_engine(model_args, adapter, serve_args):
     return BatchingEngine(backend, max_batch_size=size, batch_wait_ms=serve_args.batch_wait_ms), backend.template
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on `host` (an IPv4 or IPv6 address or a name) and `port` (0: the system picks a free
-    one)."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to `host` (an IPv4 or IPv6 address, a name, or "" for every IPv4 interface) and `port` (0: the
+    system picks a free one), NOT listening yet: binding first reports a busy port or a bad host before the model
+    loads, while a client connecting during the load is refused rather than left hanging in the backlog. uvicorn
+    serves a given socket through asyncio's `loop.create_server(sock=...)`, whose server calls `listen()` when it
+    starts serving, after the app's startup."""
     from medtune.errors import ConfigError
 
+    listener = None
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family)
+        if host:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        else:  # getaddrinfo("") fails; "" binds the IPv4 wildcard, as uvicorn's host "" did before
+            family = socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        # what socket.create_server sets: a restart may reuse a port left in TIME_WAIT; IPv6 means IPv6 only
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind((host, port))
+        return listener
     except OSError as exc:
+        if listener is not None:
+            listener.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
 
 
 def server_url(listener: socket.socket) -> str:
-    """http://HOST:PORT of a listening socket, an IPv6 address in brackets (http://[::1]:8000)."""
+    """http://HOST:PORT of a bound socket, an IPv6 address in brackets (http://[::1]:8000)."""
     host, port = listener.getsockname()[:2]
     return f"http://[{host}]:{port}" if listener.family == socket.AF_INET6 else f"http://{host}:{port}"
 
@@ -59,7 +74,7 @@ def run_serve(model_args, adapter_args, serve_args) -> None:
     from medtune.serve.app import create_app
 
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
-    listener = listen(serve_args.host, serve_args.port)  # a host or port it cannot use fails before the model loads
+    listener = bind(serve_args.host, serve_args.port)  # a host or port it cannot use fails before the model loads
     try:
         engine, template = build_engine(model_args, adapter_args.adapter_name_or_path, serve_args)
     except BaseException:
@@ -67,7 +82,16 @@ def run_serve(model_args, adapter_args, serve_args) -> None:
         raise
     name = serve_args.served_model_name or Path(model_args.model_name_or_path.rstrip("/")).name
     app = create_app(engine, template, name, serve_args)
-    logger.info("listening on %s (model %s, %s)", server_url(listener), name,
-                "API key required" if serve_args.api_key else "no API key")
+    announcement = (f"listening on {server_url(listener)} (model {name}, "
+                    f"{'API key required' if serve_args.api_key else 'no API key'})")
+
+    class AnnouncingServer(uvicorn.Server):
+        """Logs the URL once connections are accepted (scripts wait for that line), not before."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                logger.info("%s", announcement)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[listener])
+    AnnouncingServer(config).run(sockets=[listener])

@@ -108,8 +108,7 @@ def create_app(engine, template, model_name: str, args) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        # the completions API continues the text exactly as given: no BOS or [gMASK]<sop> of the tokenizer's own
-        prompts = [service.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        prompts = [service.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"] for text in texts]
         log_request(request, texts)
         return await complete(service, request, body, prompts, chat=False)
 

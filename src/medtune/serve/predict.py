@@ -181,9 +181,10 @@ def check_same_settings(output: Path, settings: dict, answered: int) -> None:
     settings_file = output.with_name(output.name + ".settings.json")
     previous = read_settings(settings_file)
     if answered and previous is not None and previous != settings:
+        changed = ", ".join(changed_settings(previous, settings))
         raise ConfigError(f"{output}: its {answered} replies were made with other settings (changed: "
-                          f"{', '.join(changed_settings(previous, settings))}; see {settings_file.name}); resume with the same options or "
-                          "choose another --output")
+                          f"{changed}; see {settings_file.name}); resume with the same options or choose "
+                          "another --output")
     if previous != settings:
         write_atomically(settings_file, json.dumps(settings, indent=2, ensure_ascii=False).encode())
 

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, field_validator
 
 ROLES = ("system", "user", "assistant")
 
@@ -68,6 +68,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
+    # vLLM's field and default: the tokenizer's own special tokens ([gMASK]<sop>, BOS) go before the text, without
+    # which GLM-4 degrades badly; false continues the text exactly as given. Strict: "false" or 0 is a 400.
+    add_special_tokens: StrictBool = True
 
     @field_validator("prompt")
     @classmethod

@@ -18,7 +18,8 @@ starts in the prompt and ends in the reply (a generation prompt ending inside a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from medtune.errors import ConfigError
 from medtune.templates.registry import ChatFormat, get_template
@@ -34,6 +35,7 @@ class TemplateError(ConfigError):
 class EncodedConversation:
     input_ids: list[int]
     labels: list[int]
+    user_header_positions: list[int] = field(default_factory=list)  # filled when encode(mark_user_headers=True)
 
     @property
     def supervised(self) -> int:
@@ -153,10 +155,12 @@ class ChatTemplate:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Token ids of the whole `text` and the character offset at which each token starts."""
+    def _tokenize(self, text: str, spans: list[tuple[int, int]],
+                  boundaries: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
+        """Token ids of the whole `text` and the character offset at which each token starts. `boundaries`:
+        further character positions whose tokens must start there (only slow tokenizers need to be told)."""
         if not getattr(self.tokenizer, "is_fast", False):
-            return self._tokenize_pieces(text, spans)
+            return self._tokenize_pieces(text, spans, boundaries)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
                                   verbose=False)
         starts = [start for start, _ in encoding["offset_mapping"]]
@@ -170,11 +174,12 @@ class ChatTemplate:
                     "another prompt than inference; use a template whose generation prompt ends at a token boundary")
         return encoding["input_ids"], starts
 
-    def _tokenize_pieces(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    def _tokenize_pieces(self, text: str, spans: list[tuple[int, int]],
+                         boundaries: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
         """For slow tokenizers, which report no offsets (e.g. GLM-4's original tiktoken one): the pieces between
         reply boundaries one by one. Byte-level BPE tokenizers give the whole-text ids this way, as their
         pre-tokenizers split where a generation prompt ends (a newline or a special token)."""
-        cuts = sorted({0, len(text), *(position for span in spans for position in span)})
+        cuts = sorted({0, len(text), *boundaries, *(position for span in spans for position in span)})
         ids: list[int] = []
         starts: list[int] = []
         for start, end in zip(cuts, cuts[1:]):
@@ -187,15 +192,47 @@ class ChatTemplate:
         """What inference feeds the model for `messages` (ending with a user turn)."""
         return self._ids(self.render(messages, add_generation_prompt=True))
 
-    def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False) -> EncodedConversation:
-        """Token ids and labels: replies supervised, everything else -100 (unless `train_on_prompt`)."""
+    @cached_property
+    def user_header(self) -> str:
+        """The text the template writes between a finished turn and a user message's content (GLM-4's <|user|> and
+        a newline, ChatML's <|im_start|>user and a newline), read off the rendering of a probe conversation; "" when
+        the template does not render it that way."""
+        before = self.render([{"role": "user", "content": "甲"}, {"role": "assistant", "content": "乙"}])
+        after = self.render([{"role": "user", "content": "甲"}, {"role": "assistant", "content": "乙"},
+                             {"role": "user", "content": "丙"}])
+        if not after.startswith(before) or "丙" not in after[len(before):]:
+            return ""
+        return after[len(before):after.index("丙", len(before))]
+
+    def user_header_spans(self, text: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+        """The character span of each user turn's role header in the training `text` of `messages`."""
+        header, spans = self.user_header, []
+        for index, message in enumerate(messages):
+            content = message["content"].strip()
+            if not header or message["role"] != "user" or not content:
+                continue
+            through = self.render(messages[: index + 1])
+            content_start = through.rfind(content)
+            start = through.rfind(header, 0, max(content_start, 0))
+            if text.startswith(through) and min(start, content_start) >= 0 \
+                    and not through[start + len(header):content_start].strip():
+                spans.append((start, content_start))
+        return spans
+
+    def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False,
+               mark_user_headers: bool = False) -> EncodedConversation:
+        """Token ids and labels: replies supervised, everything else -100 (unless `train_on_prompt`).
+        `mark_user_headers` also lists the positions of the user turns' role header tokens (for per-turn cuts)."""
         text, spans = self.reply_spans(messages)
-        ids, starts = self._tokenize(text, spans)
+        headers = self.user_header_spans(text, messages) if mark_user_headers else []
+        ids, starts = self._tokenize(text, spans, tuple(position for span in headers for position in span))
+        header_positions = [index for index, offset in enumerate(starts)
+                            if any(start <= offset < end for start, end in headers)]
         if train_on_prompt:
-            return EncodedConversation(ids, list(ids))
+            return EncodedConversation(ids, list(ids), header_positions)
         labels = [token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
                   for token, offset in zip(ids, starts)]
-        return EncodedConversation(ids, labels)
+        return EncodedConversation(ids, labels, header_positions)
 
     def prompt_and_reply(self, prompt: list[dict[str, str]], reply: str) -> tuple[str, str]:
         """The rendered prompt (exactly what inference renders) and the reply text that follows it in training,
