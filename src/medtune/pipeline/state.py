@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -179,10 +178,10 @@ class PipelineState:
         self._save()
 
     def _save(self) -> None:
+        from medtune.data.resume import write_atomically
+
         self.out.mkdir(parents=True, exist_ok=True)
-        scratch = self.path.with_suffix(".json.tmp")  # written whole, then renamed: a kill never cuts the file
-        scratch.write_text(json.dumps(self.steps, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(scratch, self.path)
+        write_atomically(self.path, json.dumps(self.steps, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 class Progress:
