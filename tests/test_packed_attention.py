@@ -17,6 +17,8 @@ from medtune.models.packed_attention import (
 )
 from medtune.stages import common, sft
 
+from .conftest import REPO
+
 # per row: conversation lengths; the last row is one conversation, the others end in a collator's padding tail
 ROWS = [[37, 1, 52, 30], [90, 24, 6], [120]]
 
@@ -134,3 +136,33 @@ def test_sft_trains_packed_rows_per_conversation_unless_switched_off(tiny_model,
     (model, during), = seen
     assert during == expected
     assert model.config._attn_implementation == "sdpa"  # the stage leaves the model as it found it
+
+
+@pytest.mark.slow
+def test_sft_logs_the_same_losses_and_gradient_norms_either_way(tiny_model, tmp_path, monkeypatch):
+    """The stage as users run it (LoRA, label-only head, packed rows): three steps with per-conversation attention
+    log the losses and gradient norms of transformers' block-diagonal mask, and the final evaluation its loss."""
+    import json
+
+    from medtune.models import packed_attention
+
+    calls = []
+    original = packed_attention.per_conversation_attention
+    monkeypatch.setattr(packed_attention, "per_conversation_attention",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def history(flag: str) -> list[float]:
+        out = tmp_path / flag
+        sft.run_sft(*parse_arguments(sft.ARGUMENT_TYPES, [
+            "--config", str(REPO / "configs" / "sft_tiny.yaml"), "--model_name_or_path", str(tiny_model("glm4")),
+            "--attn_implementation", "sdpa", "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "no",
+            "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "1", "--varlen_attention", flag]))
+        log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        steps = [value for e in log if "loss" in e for value in (e["loss"], e["grad_norm"])]
+        return steps + [json.loads((out / "eval_results.json").read_text())["eval_loss"]]
+
+    masked = history("false")
+    assert calls == []
+    per_conversation = history("true")
+    assert len(calls) > 3 * 2  # every layer of the three steps and of the final evaluation
+    assert per_conversation == pytest.approx(masked, abs=1e-5)
