@@ -71,17 +71,6 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
                                chat_template=template)
 
 
-def packed_attention(model, data_args):
-    """Packed rows are attended per conversation (training and its evaluations) unless --varlen_attention false
-    or the model's attention cannot take it (see medtune.models.packed_attention); unpacked batches as they are."""
-    import contextlib
-
-    from medtune.models.packed_attention import varlen_attention_for_packing
-
-    if not data_args.packing:
-        return contextlib.nullcontext()
-    return varlen_attention_for_packing(model, data_args.varlen_attention)
-
 def checked_template(model_args):
     """The ChatTemplate for this run, checked against the tokenizer (a `--template` whose special tokens the
     tokenizer lacks is refused) before the stage writes anything."""
@@ -101,3 +90,15 @@ def sft_collator(tokenizer, data_args, attn_implementation: str | None = None):
     if data_args.packing:
         return PackedCollator(tokenizer.pad_token_id, one_row=packs_into_one_row(attn_implementation))
     return PaddingCollator(tokenizer.pad_token_id)
+
+
+def packed_attention(model, data_args):
+    """Packed rows are attended per conversation (training and its evaluations) unless --varlen_attention false
+    or the model's attention cannot take it (see medtune.models.packed_attention); unpacked batches as they are."""
+    import contextlib
+
+    from medtune.models.packed_attention import varlen_attention_for_packing
+
+    if not data_args.packing:
+        return contextlib.nullcontext()
+    return varlen_attention_for_packing(model, data_args.varlen_attention)
