@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers import modeling_flash_attention_utils as flash_utils
 
 from medtune.config import parse_arguments
+from medtune.models.packed_attention import VARLEN_NAMES, register_varlen_attention
 from medtune.stages import common, sft
 
 CAPACITY = 1024
@@ -93,6 +94,12 @@ def load_model(folder, backend: str, monkeypatch):
         return model
     if backend == "flash_attention_2":
         return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=backend, dtype=torch.bfloat16).cuda()
+    if backend.endswith("(varlen)"):  # what `medtune sft` trains packed rows with under sdpa/eager by default
+        base = backend.split(" ")[0]
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=base, dtype=torch.float32)
+        register_varlen_attention()
+        model.set_attn_implementation(VARLEN_NAMES[base])
+        return model
     return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=backend, dtype=torch.float32)
 
 
@@ -114,7 +121,7 @@ def logits_moved_outside_the_edit(model, batch):
 
 
 @pytest.mark.parametrize("backend", [
-    "eager", "sdpa", "flash_attention_2 (reference kernel)",
+    "eager", "sdpa", "eager (varlen)", "sdpa (varlen)", "flash_attention_2 (reference kernel)",
     pytest.param("flash_attention_2", marks=pytest.mark.skipif(not HAS_FLASH_ATTN, reason="needs CUDA and flash-attn")),
 ])
 def test_editing_one_packed_conversation_leaves_every_other_conversation_unchanged(tiny_model, trainer_rows,

@@ -292,6 +292,14 @@ class SFTDataArguments(DataArguments, SourceTargetLengthArguments, SystemPromptA
         metadata={"help": "Pack several conversations into each sequence (position ids restart per conversation and "
                           "attention never crosses conversations). Off: length-grouped, padded batches."},
     )
+    varlen_attention: bool = field(
+        default=True,
+        metadata={"help": "With packing under sdpa or eager attention (CPU; GPUs without flash-attn): attend within "
+                          "each conversation separately, so a row costs the sum of its conversations' squared "
+                          "lengths instead of its own squared length; the same loss. Models it cannot serve exactly "
+                          "(sliding window, attention sinks, logit softcapping, multimodal) keep transformers' "
+                          "block-diagonal mask, and the log says why. flash-attention uses its own varlen kernels."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -52,22 +52,23 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 
-    trainer = LabelOnlyLossTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        data_collator=sft_collator(tokenizer, data_args, getattr(model.config, "_attn_implementation", None)),
-        compute_metrics=token_accuracy if eval_set is not None else None,
-        preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
-        callbacks=callbacks,
-    )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    stats = {"train": train_stats.to_dict(), **({"eval": eval_stats.to_dict()} if eval_stats else {}),
-             "template": template.name, "packing": data_args.packing}
-    return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
-                           chat_template=template)
+    with packed_attention(model, data_args):
+        trainer = LabelOnlyLossTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            data_collator=sft_collator(tokenizer, data_args, getattr(model.config, "_attn_implementation", None)),
+            compute_metrics=token_accuracy if eval_set is not None else None,
+            preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
+            callbacks=callbacks,
+        )
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        stats = {"train": train_stats.to_dict(), **({"eval": eval_stats.to_dict()} if eval_stats else {}),
+                 "template": template.name, "packing": data_args.packing}
+        return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
+                               chat_template=template)
 
 
 def checked_template(model_args, system_prompt: str | None = None):
@@ -89,3 +90,15 @@ def sft_collator(tokenizer, data_args, attn_implementation: str | None = None):
     if data_args.packing:
         return PackedCollator(tokenizer.pad_token_id, one_row=packs_into_one_row(attn_implementation))
     return PaddingCollator(tokenizer.pad_token_id)
+
+
+def packed_attention(model, data_args):
+    """Packed rows are attended per conversation (training and its evaluations) unless --varlen_attention false
+    or the model's attention cannot take it (see medtune.models.packed_attention); unpacked batches as they are."""
+    import contextlib
+
+    from medtune.models.packed_attention import varlen_attention_for_packing
+
+    if not data_args.packing:
+        return contextlib.nullcontext()
+    return varlen_attention_for_packing(model, data_args.varlen_attention)
