@@ -8,9 +8,10 @@
         (LoRA SFT, TRL's stock DPO path, medtune's DPO path: each in its own process; then a summary line)
 
 pt and sft run each mode twice, each in its own process: medtune's path (the LM head at labelled positions only,
-`--loss_only_labels true`, the default, and FastDropout in front of the LoRA adapters) and today's path before it
-(transformers' own loss and peft's nn.Dropout), and print the ratio; sft ends with its best mode against today's
-best mode. dpo compares medtune's path
+`--loss_only_labels true`, the default; FastDropout in front of the LoRA adapters; sft's packed rows attended per
+conversation, `--varlen_attention true`) and today's path before it (transformers' own loss, peft's nn.Dropout,
+packed rows under a block-diagonal mask), and print the ratio; sft ends with its best mode against today's best
+mode. dpo compares medtune's path
 (packed pair rows, reply-only head) with TRL's stock DPOTrainer forward (`--loss_only_labels false`, reference
 forward in every step, no pre-pass), and its peak RSS with LoRA SFT on the same model, batch and length (the
 prompt + chosen reply of the same pairs). Without --data it generates long pairs from the bundled text, about half
@@ -163,6 +164,7 @@ def bench_sft(args, mode: str, label_only: bool = True) -> dict:
                 "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
                 "--validation_split_percentage", "0", "--save_strategy", "no", "--logging_steps", str(args.steps),
                 "--packing", str(packing).lower(), "--loss_only_labels", str(label_only).lower(),
+                "--varlen_attention", str(label_only).lower(),
                 *model_and_data(args)]
         configs = parse_arguments(sft_stage.ARGUMENT_TYPES, argv)
         originals = collators.PackedCollator, collators.PaddingCollator

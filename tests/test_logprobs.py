@@ -65,8 +65,8 @@ def test_a_head_that_scales_its_logits_keeps_the_standard_forward(tiny_model):
 
 
 def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients():
-    """The label-only head computes the softmax its backward needs in the forward; its log-probs and the gradients
-    of hidden states, weight and bias equal cross-entropy's, for any per-token upstream gradient."""
+    """The label-only head keeps the softmax its backward needs; its log-probs and the gradients of hidden states,
+    weight and bias equal cross-entropy's, for any per-token upstream gradient."""
     from medtune.stages.logprobs import _LinearLogProbs
 
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +83,7 @@ def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients():
             logits = torch.nn.functional.linear(hidden, weight, bias)
             log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         else:
-            log_probs = _LinearLogProbs.apply(hidden, weight, bias, targets)
+            log_probs = _LinearLogProbs.apply(hidden, weight, bias, targets, ("log_probs",), True)[0]
         (log_probs * upstream).sum().backward()
         results.append([log_probs.detach(), hidden.grad, weight.grad, bias.grad])
     for ours, reference in zip(*results[::-1]):
@@ -94,7 +94,8 @@ def test_a_second_backward_through_the_head_is_refused():
     from medtune.stages.logprobs import _LinearLogProbs
 
     hidden = torch.randn(4, 8, requires_grad=True)
-    log_probs = _LinearLogProbs.apply(hidden, torch.randn(10, 8), None, torch.tensor([1, 2, 3, 4]))
+    log_probs = _LinearLogProbs.apply(hidden, torch.randn(10, 8), None, torch.tensor([1, 2, 3, 4]), ("log_probs",),
+                                      True)[0]
     log_probs.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         log_probs.sum().backward()
@@ -117,7 +118,7 @@ def test_under_bfloat16_autocast_the_head_matches_cross_entropy_with_a_float32_t
                 logits = torch.nn.functional.linear(hidden, weight).float()
                 log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             else:
-                log_probs = _LinearLogProbs.apply(hidden, weight, None, targets)
+                log_probs = _LinearLogProbs.apply(hidden, weight, None, targets, ("log_probs",), True)[0]
         log_probs.sum().backward()
         results.append((log_probs.detach(), hidden.grad, weight.grad))
     (ref_lp, ref_hidden, ref_weight), (lp, grad_hidden, grad_weight) = results
@@ -125,3 +126,23 @@ def test_under_bfloat16_autocast_the_head_matches_cross_entropy_with_a_float32_t
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(grad_hidden, ref_hidden, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(grad_weight, ref_weight, atol=2e-2, rtol=2e-2)
+
+
+def test_the_statistics_trl_logs_equal_those_of_the_full_logits():
+    from medtune.stages.logprobs import _LinearLogProbs
+
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(30, 16, generator=generator, requires_grad=True)
+    weight, bias = torch.randn(50, 16, generator=generator), torch.randn(50, generator=generator)
+    logits = torch.nn.functional.linear(hidden, weight, bias).detach()
+    targets = logits.argmax(-1)
+    targets[::2] = torch.randint(0, 50, (15,), generator=generator)  # half the targets are the top logit
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    log_probs, entropy, log_sum_sq, mean_logits, is_top1 = _LinearLogProbs.apply(hidden, weight, bias, targets,
+                                                                                  outputs, False)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    torch.testing.assert_close(log_sum_sq, (probs * probs).sum(-1).log())
+    torch.testing.assert_close(mean_logits, logits.mean(-1))
+    assert torch.equal(is_top1, logits.argmax(-1) == targets) and 15 <= int(is_top1.sum()) < 30
+    assert not any(x.requires_grad for x in (entropy, log_sum_sq, mean_logits)) and log_probs.requires_grad

@@ -53,16 +53,19 @@ def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: 
     the model's LM head, only the requested optional fields filled (the fields of TRL's FusedCausalLMOutput).
 
     With Triton (CUDA, XPU): TRL's fused kernel, which recomputes each logits tile in its backward, so no [N, vocab]
-    tensor outlives a chunk. Elsewhere (CPU): cross-entropy over chunks of TOKEN_CHUNK rows, keeping each chunk's
-    log-softmax for the backward as transformers' own loss does, but for the given rows only; the kernel's torch
-    fallback is several times slower per token on CPU."""
+    tensor outlives a chunk. Elsewhere (CPU): `_LinearLogProbs` over chunks of TOKEN_CHUNK rows, for the given rows
+    only, keeping each chunk's softmax when a backward can follow; the kernel's torch fallback is several times
+    slower per token on CPU."""
     from trl.kernels.chunked_logprob import _use_triton
 
     head = language_model(model).get_output_embeddings()
     hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
-    fused = _use_triton(hidden.device)
-    pieces = [(_fused_chunk if fused else _plain_chunk)(hidden[start:start + TOKEN_CHUNK], head,
-                                                        targets[start:start + TOKEN_CHUNK], outputs)
+    if _use_triton(hidden.device):
+        chunk = _fused_chunk
+    else:
+        keep = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+        chunk = functools.partial(_plain_chunk, keep_softmax=keep)
+    pieces = [chunk(hidden[start:start + TOKEN_CHUNK], head, targets[start:start + TOKEN_CHUNK], outputs)
               for start in range(0, max(len(hidden), 1), TOKEN_CHUNK)]
     return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
 
@@ -75,55 +78,57 @@ def _fused_chunk(hidden, head, targets, outputs):
 
 
 class _LinearLogProbs(torch.autograd.Function):
-    """log p(target) through a linear head, with the softmax the backward needs computed in the forward.
+    """log p(target) through a linear head, plus the statistics TRL logs (`outputs`), one log-softmax per chunk.
 
     Cross-entropy's own backward builds a zero [N, vocab] gradient, scatters into it, and then recomputes the
-    softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the forward
-    turns its log-softmax into probabilities in place, and the backward scales them in place and subtracts the
-    target's share: d log p_t / d logits = onehot(t) - softmax."""
+    softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the backward
+    scales the softmax the forward kept (`keep_softmax`: false when no backward follows, e.g. a reference pass) in
+    place and subtracts the target's share: d log p_t / d logits = onehot(t) - softmax. The statistics carry no
+    gradient (TRL logs them) and are computed from the same log-softmax, the mean logit from the hidden state and
+    the mean weight row: no second [N, vocab] tensor of logits or probabilities (TRL's DPO asks for entropy, mean
+    logit and top-1 on every step; computing them from separate logits was DPO's largest memory term)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
+    def forward(ctx, hidden, weight, bias, targets, outputs, keep_softmax):
         logits = torch.nn.functional.linear(hidden, weight, bias)
         compute_dtype = logits.dtype
         log_softmax = torch.log_softmax(logits.float(), dim=-1)
-        del logits  # the largest tensor of the step: at most one copy of it lives at a time
+        del logits  # the largest tensor of the step: at most two of its size live at a time
         log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
-        ctx.save_for_backward(hidden, weight, targets, log_softmax.exp_())
+        is_top1 = log_softmax.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
+        mean_logits = None
+        if "mean_logits" in outputs:
+            mean_logits = hidden.float() @ weight.float().mean(0) + (0.0 if bias is None else bias.float().mean())
+        probs = log_softmax.exp() if keep_softmax or {"entropy", "log_sum_sq_probs"} & set(outputs) else None
+        entropy = -log_softmax.mul_(probs).sum(-1) if "entropy" in outputs else None
+        log_sum_sq = (2 * torch.linalg.vector_norm(probs, dim=-1).log() if "log_sum_sq_probs" in outputs
+                      else None)
+        del log_softmax
+        ctx.save_for_backward(hidden, weight, bias, targets, probs if keep_softmax else None)  # None: no backward
         # the dtype the head multiplied in (autocast may have chosen another than the weight's or the input's):
         # the backward's products run in it too, as linear's own backward would
-        ctx.has_bias, ctx.used, ctx.compute_dtype = bias is not None, False, compute_dtype
-        return log_probs
+        ctx.used, ctx.compute_dtype = False, compute_dtype
+        ctx.mark_non_differentiable(*(x for x in (entropy, log_sum_sq, mean_logits, is_top1) if x is not None))
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
     @staticmethod
-    def backward(ctx, grad_log_probs):
-        if ctx.used:  # the saved probabilities became the gradient in place
+    def backward(ctx, grad_log_probs, *_statistics):
+        if ctx.used:  # the kept softmax became the gradient in place
             raise RuntimeError("medtune's label-only head supports one backward pass per forward")
         ctx.used = True
-        hidden, weight, targets, probs = ctx.saved_tensors
+        hidden, weight, bias, targets, probs = ctx.saved_tensors
+        cast = ctx.compute_dtype
         grad_logits = probs.mul_(-grad_log_probs[:, None])
         grad_logits[torch.arange(len(targets), device=targets.device), targets] += grad_log_probs
-        grad_logits = grad_logits.to(ctx.compute_dtype)
-        grad_hidden = (grad_logits @ weight.to(ctx.compute_dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = ((grad_logits.T @ hidden.to(ctx.compute_dtype)).to(weight.dtype) if ctx.needs_input_grad[1]
-                       else None)
-        grad_bias = grad_logits.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        grad_logits = grad_logits.to(cast)
+        grad_hidden = (grad_logits @ weight.to(cast)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.T @ hidden.to(cast)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _plain_chunk(hidden, head, targets, outputs):
-    if outputs == ("log_probs",):
-        return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets), None, None, None, None
-    logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
-    log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    with torch.no_grad():  # statistics for metrics (and WPO weights, which TRL computes without a gradient)
-        log_z = torch.logsumexp(logits, dim=-1)
-        probs = torch.exp(logits - log_z[:, None])
-        entropy = log_z - (probs * logits).sum(-1) if "entropy" in outputs else None
-        log_sum_sq = torch.log((probs * probs).sum(-1)) if "log_sum_sq_probs" in outputs else None
-        mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
-        is_top1 = logits.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
-    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+def _plain_chunk(hidden, head, targets, outputs, keep_softmax=True):
+    return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets, outputs, keep_softmax)
 
 
 def backbone_hidden_states(model, **kwargs) -> torch.Tensor:
