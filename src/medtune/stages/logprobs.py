@@ -99,8 +99,12 @@ class _LinearLogProbs(torch.autograd.Function):
         mean_logits = None
         if "mean_logits" in outputs:
             mean_logits = hidden.float() @ weight.float().mean(0) + (0.0 if bias is None else bias.float().mean())
-        probs = log_softmax.exp() if keep_softmax or {"entropy", "log_sum_sq_probs"} & set(outputs) else None
-        entropy = -log_softmax.mul_(probs).sum(-1) if "entropy" in outputs else None
+        entropy = probs = None
+        if "entropy" in outputs:  # needs log p and p at once
+            probs = log_softmax.exp()
+            entropy = -log_softmax.mul_(probs).sum(-1)
+        elif keep_softmax or "log_sum_sq_probs" in outputs:
+            probs = log_softmax.exp_()  # in place: sft and pt keep no second [N, vocab] tensor
         log_sum_sq = (2 * torch.linalg.vector_norm(probs, dim=-1).log() if "log_sum_sq_probs" in outputs
                       else None)
         del log_softmax
@@ -184,3 +188,15 @@ class LabelOnlyLossTrainer(MedtuneTrainer):
             inputs = {**inputs, "label_only_loss": True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+
+def causal_lm_trainer(model, training_args, train_set, eval_set, tokenizer, collator, callbacks):
+    """The Trainer pt and sft run: the label-only loss in training; token accuracy (and perplexity) when there is
+    an evaluation set."""
+    from medtune.stages.common import argmax_logits, token_accuracy
+
+    evaluated = eval_set is not None
+    return LabelOnlyLossTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                                processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
+                                compute_metrics=token_accuracy if evaluated else None,
+                                preprocess_logits_for_metrics=argmax_logits if evaluated else None)

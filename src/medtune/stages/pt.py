@@ -22,15 +22,8 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     from medtune.data.collators import PaddingCollator
     from medtune.data.pretrain import prepare_block_datasets, stream_block_dataset
     from medtune.models.loader import attach_lora, optional_chat_template
-    from medtune.stages.common import (
-        argmax_logits,
-        configure_evaluation,
-        finish_training,
-        load_training_model,
-        start_stage,
-        token_accuracy,
-    )
-    from medtune.stages.logprobs import LabelOnlyLossTrainer
+    from medtune.stages.common import configure_evaluation, finish_training, load_training_model, start_stage
+    from medtune.stages.logprobs import causal_lm_trainer
 
     if data_args.streaming and training_args.max_steps <= 0:
         raise ConfigError("streaming needs --max_steps (a stream has no length to count epochs by)")
@@ -52,17 +45,8 @@ def run_pt(model_args: ModelArguments, lora_args: LoraArguments, data_args: Pret
     if lora_args.use_peft:
         model = attach_lora(model, lora_args)
 
-    trainer = LabelOnlyLossTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
-        compute_metrics=token_accuracy if eval_set is not None else None,
-        preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
-        callbacks=callbacks,
-    )
+    trainer = causal_lm_trainer(model, training_args, train_set, eval_set, tokenizer,
+                                PaddingCollator(tokenizer.pad_token_id), callbacks)
     train_result = trainer.train(resume_from_checkpoint=resume)
     return finish_training(trainer, train_result, tokenizer, extra={"data_stats.json": stats},
                            chat_template=template)

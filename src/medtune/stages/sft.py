@@ -21,15 +21,8 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
     """Train and save into training_args.output_dir; returns the final evaluation metrics."""
     from medtune.data.sft import build_sft_split, load_conversations, log_encoding_stats
     from medtune.models.loader import attach_lora
-    from medtune.stages.common import (
-        argmax_logits,
-        configure_evaluation,
-        finish_training,
-        load_training_model,
-        start_stage,
-        token_accuracy,
-    )
-    from medtune.stages.logprobs import LabelOnlyLossTrainer
+    from medtune.stages.common import configure_evaluation, finish_training, load_training_model, start_stage
+    from medtune.stages.logprobs import causal_lm_trainer
 
     template = checked_template(model_args, data_args.system_prompt)  # before start_stage writes into output_dir
     tokenizer = template.tokenizer
@@ -53,17 +46,8 @@ def run_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFT
         model = attach_lora(model, lora_args)
 
     with packed_attention(model, data_args):
-        trainer = LabelOnlyLossTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            processing_class=tokenizer,
-            data_collator=sft_collator(tokenizer, data_args, getattr(model.config, "_attn_implementation", None)),
-            compute_metrics=token_accuracy if eval_set is not None else None,
-            preprocess_logits_for_metrics=argmax_logits if eval_set is not None else None,
-            callbacks=callbacks,
-        )
+        collator = sft_collator(tokenizer, data_args, getattr(model.config, "_attn_implementation", None))
+        trainer = causal_lm_trainer(model, training_args, train_set, eval_set, tokenizer, collator, callbacks)
         train_result = trainer.train(resume_from_checkpoint=resume)
         stats = {"train": train_stats.to_dict(), **({"eval": eval_stats.to_dict()} if eval_stats else {}),
                  "template": template.name, "packing": data_args.packing}
