@@ -177,6 +177,26 @@ def test_truncation_drops_and_counts_conversations_with_nothing_left_to_learn(ti
     assert any(label != -100 for label in examples[0]["labels"][1:])
 
 
+def test_long_conversations_encode_without_the_tokenizers_length_warning(tiny_model, monkeypatch):
+    """A conversation longer than the tokenizer's model_max_length is cut to max_length and counted; transformers'
+    own 'Token indices sequence length is longer' warning would only alarm users."""
+    from transformers import tokenization_utils_base
+
+    from medtune.data.records import Conversation
+
+    warnings = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    folder = tiny_model("glm4")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = 16
+    template = load_chat_template(str(folder), tokenizer)
+    long_reply = Conversation([{"role": "user", "content": "头痛怎么办？"},
+                               {"role": "assistant", "content": "建议休息并监测血压。" * 20}])
+    examples, stats = encode_conversations([long_reply], template, max_length=48)
+    assert stats.truncated == 1 and len(examples[0]["input_ids"]) == 48
+    assert not [w for w in warnings if "Token indices sequence length" in w]
+
+
 def test_sft_resumes_from_its_latest_checkpoint(tiny_model, tmp_path):
     def run(max_steps: str, *extra: str):
         sft.run_sft(*parse_arguments(sft.ARGUMENT_TYPES, [
