@@ -2,7 +2,7 @@
 
 peft puts an `nn.Dropout` in front of every LoRA adapter. On CPU, torch draws dropout's mask with one Mersenne
 Twister call per element (`bernoulli_`), serially: on the tiny models that was the largest cost of a training step
-after the matrix products (about 15% of an SFT or PT step, measured with torch.profiler). `FastDropout` draws one
+after the matrix products (a torch.profiler trace of SFT and PT steps). `FastDropout` draws one
 64-bit random number per four elements and compares each 16-bit quarter with a threshold, so the drop probability
 is `p` rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and kept values are scaled by 1 / (1 - that
 probability): the output's expectation is the input (exactly in float32; in bfloat16 the scale itself rounds,

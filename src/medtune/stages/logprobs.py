@@ -98,7 +98,8 @@ class _LinearLogProbs(torch.autograd.Function):
         is_top1 = log_softmax.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
         mean_logits = None
         if "mean_logits" in outputs:
-            mean_logits = hidden.float() @ weight.float().mean(0) + (0.0 if bias is None else bias.float().mean())
+            # the mean row in the weight's dtype (reductions accumulate in float32): no float32 copy of the head
+            mean_logits = hidden.float() @ weight.mean(0).float() + (0.0 if bias is None else bias.float().mean())
         entropy = probs = None
         if "entropy" in outputs:  # needs log p and p at once
             probs = log_softmax.exp()
