@@ -64,9 +64,11 @@ def test_a_head_that_scales_its_logits_keeps_the_standard_forward(tiny_model):
     assert not has_plain_head(model) and not install_label_only_forward(model)
 
 
-def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients():
-    """The label-only head keeps the softmax its backward needs; its log-probs and the gradients of hidden states,
-    weight and bias equal cross-entropy's, for any per-token upstream gradient."""
+@pytest.mark.parametrize("keep_softmax", [True, False])
+def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients(keep_softmax):
+    """The label-only head keeps the softmax its backward needs, or recomputes it there (DPO); either way its
+    log-probs and the gradients of hidden states, weight and bias equal cross-entropy's, for any per-token upstream
+    gradient."""
     from medtune.stages.logprobs import _LinearLogProbs
 
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +85,7 @@ def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients():
             logits = torch.nn.functional.linear(hidden, weight, bias)
             log_probs = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         else:
-            log_probs = _LinearLogProbs.apply(hidden, weight, bias, targets, ("log_probs",), True)[0]
+            log_probs = _LinearLogProbs.apply(hidden, weight, bias, targets, ("log_probs",), keep_softmax)[0]
         (log_probs * upstream).sum().backward()
         results.append([log_probs.detach(), hidden.grad, weight.grad, bias.grad])
     for ours, reference in zip(*results[::-1]):

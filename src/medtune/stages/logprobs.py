@@ -48,14 +48,15 @@ def has_plain_head(model) -> bool:
             and not isinstance(head, BaseTunerLayer))
 
 
-def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",)):
+def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",),
+                   keep_softmax: bool = True):
     """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of `targets` [N] given `hidden` [N, H] through
     the model's LM head, only the requested optional fields filled (the fields of TRL's FusedCausalLMOutput).
 
     With Triton (CUDA, XPU): TRL's fused kernel, which recomputes each logits tile in its backward, so no [N, vocab]
     tensor outlives a chunk. Elsewhere (CPU): `_LinearLogProbs` over chunks of TOKEN_CHUNK rows, for the given rows
-    only, keeping each chunk's softmax when a backward can follow; the kernel's torch fallback is several times
-    slower per token on CPU."""
+    only, keeping each chunk's softmax for the backward (`keep_softmax`, when a backward can follow) or recomputing
+    it there; the kernel's torch fallback is several times slower per token on CPU."""
     from trl.kernels.chunked_logprob import _use_triton
 
     head = language_model(model).get_output_embeddings()
@@ -63,7 +64,7 @@ def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: 
     if _use_triton(hidden.device):
         chunk = _fused_chunk
     else:
-        keep = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+        keep = keep_softmax and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
         chunk = functools.partial(_plain_chunk, keep_softmax=keep)
     pieces = [chunk(hidden[start:start + TOKEN_CHUNK], head, targets[start:start + TOKEN_CHUNK], outputs)
               for start in range(0, max(len(hidden), 1), TOKEN_CHUNK)]
@@ -82,8 +83,9 @@ class _LinearLogProbs(torch.autograd.Function):
 
     Cross-entropy's own backward builds a zero [N, vocab] gradient, scatters into it, and then recomputes the
     softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the backward
-    scales the softmax the forward kept (`keep_softmax`: false when no backward follows, e.g. a reference pass) in
-    place and subtracts the target's share: d log p_t / d logits = onehot(t) - softmax. The statistics carry no
+    scales the softmax in place and subtracts the target's share: d log p_t / d logits = onehot(t) - softmax. With
+    `keep_softmax` the forward keeps that softmax (sft, pt: fastest); without, the backward recomputes its chunk's
+    logits (DPO: its two replies per row make the kept softmax a large memory term). The statistics carry no
     gradient (TRL logs them) and are computed from the same log-softmax, the mean logit from the hidden state and
     the mean weight row: no second [N, vocab] tensor of logits or probabilities (TRL's DPO asks for entropy, mean
     logit and top-1 on every step; computing them from separate logits was DPO's largest memory term)."""
@@ -109,7 +111,7 @@ class _LinearLogProbs(torch.autograd.Function):
         log_sum_sq = (2 * torch.linalg.vector_norm(probs, dim=-1).log() if "log_sum_sq_probs" in outputs
                       else None)
         del log_softmax
-        ctx.save_for_backward(hidden, weight, bias, targets, probs if keep_softmax else None)  # None: no backward
+        ctx.save_for_backward(hidden, weight, bias, targets, probs if keep_softmax else None)
         # the dtype the head multiplied in (autocast may have chosen another than the weight's or the input's):
         # the backward's products run in it too, as linear's own backward would
         ctx.used, ctx.compute_dtype = False, compute_dtype
@@ -123,6 +125,10 @@ class _LinearLogProbs(torch.autograd.Function):
         ctx.used = True
         hidden, weight, bias, targets, probs = ctx.saved_tensors
         cast = ctx.compute_dtype
+        if probs is None:
+            logits = torch.nn.functional.linear(hidden.to(cast), weight.to(cast), None if bias is None else bias.to(cast))
+            probs = torch.softmax(logits.float(), dim=-1)
+            del logits
         grad_logits = probs.mul_(-grad_log_probs[:, None])
         grad_logits[torch.arange(len(targets), device=targets.device), targets] += grad_log_probs
         grad_logits = grad_logits.to(cast)

@@ -125,7 +125,9 @@ def packed_log_probs(model, labels: torch.Tensor, packed_input_ids, packed_posit
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != -100
-    per_token = head_log_probs(model, hidden[packed_hidden_index[scored]], targets[scored], outputs)
+    # keep_softmax=False: the backward recomputes the head's softmax rather than keeping one per reply token
+    per_token = head_log_probs(model, hidden[packed_hidden_index[scored]], targets[scored], outputs,
+                               keep_softmax=False)
     # masked_scatter keeps the result attached to the graph even when nothing is scored
     log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(scored.shape).masked_scatter(scored, x) for x in per_token)
