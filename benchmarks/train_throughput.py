@@ -8,7 +8,7 @@
         (LoRA SFT, TRL's stock DPO path, medtune's DPO path: each in its own process; then a summary line)
 
 pt and sft run each mode twice, each in its own process: medtune's path (the LM head at labelled positions only,
-`--loss_only_labels true`, the default; FastDropout in front of the LoRA adapters; sft's packed rows attended per
+`--loss_only_labels true`, the default; LoRA layers fused with FastDropout (medtune.models.fast_lora); sft's packed rows attended per
 conversation, `--varlen_attention true`) and today's path before it (transformers' own loss, peft's nn.Dropout,
 packed rows under a block-diagonal mask), and print the ratio; sft ends with its best mode against today's best
 mode. dpo compares medtune's path
@@ -46,17 +46,17 @@ def real_token_fraction(dataset, samples: int) -> float:
 @contextlib.contextmanager
 def todays_path(baseline: bool):
     """The baseline runs train as medtune did before its label-only head: besides `--loss_only_labels false`,
-    peft's own `nn.Dropout` in front of each LoRA adapter instead of `FastDropout` (same distribution, cheaper
-    random mask on CPU)."""
-    from medtune.models import dropout
+    peft's own LoRA forward with its `nn.Dropout` in front of each adapter instead of `FastDropout` (same
+    distribution, cheaper random mask on CPU) and the fused LoRA layers of `medtune.models.fast_lora`."""
+    from medtune.models import fast_lora
 
-    swap = dropout.use_fast_lora_dropout
+    swap = fast_lora.use_fast_lora
     if baseline:
-        dropout.use_fast_lora_dropout = lambda model: 0
+        fast_lora.use_fast_lora = lambda model: 0
     try:
         yield
     finally:
-        dropout.use_fast_lora_dropout = swap
+        fast_lora.use_fast_lora = swap
 
 
 def model_and_data(args, data_option: str = "--train_file_dir") -> list[str]:

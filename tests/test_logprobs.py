@@ -92,15 +92,32 @@ def test_the_head_with_a_bias_gives_cross_entropys_values_and_gradients(keep_sof
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
 
 
-def test_a_second_backward_through_the_head_is_refused():
+def test_the_kept_softmax_is_only_read_so_a_second_backward_gives_the_same_gradients():
     from medtune.stages.logprobs import _LinearLogProbs
 
     hidden = torch.randn(4, 8, requires_grad=True)
-    log_probs = _LinearLogProbs.apply(hidden, torch.randn(10, 8), None, torch.tensor([1, 2, 3, 4]), ("log_probs",),
-                                      True)[0]
-    log_probs.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass"):
-        log_probs.sum().backward()
+    weight = torch.randn(10, 8, requires_grad=True)
+    log_probs = _LinearLogProbs.apply(hidden, weight, None, torch.tensor([1, 2, 3, 4]), ("log_probs",), True)[0]
+    first = torch.autograd.grad(log_probs.sum(), (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(log_probs.sum(), (hidden, weight))
+    expected = torch.autograd.grad(torch.log_softmax(hidden @ weight.T, -1)[torch.arange(4), [1, 2, 3, 4]].sum(),
+                                   (hidden, weight))
+    for ours, again, reference in zip(first, second, expected):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+        assert torch.equal(ours, again)
+
+
+def test_a_probability_that_underflows_in_the_softmax_still_gets_its_exact_log():
+    """log p is read off the softmax except where p is below 2^-100: there it comes from the logits (a target
+    150 nats below the best logit has p = 0 in float32, log p = -150, and so the loss)."""
+    from medtune.stages.logprobs import _LinearLogProbs
+
+    logits_row = torch.tensor([[0.0, 150.0, 10.0, 40.0]])
+    weight, hidden = logits_row.T, torch.ones(3, 1)  # every row's logits are logits_row
+    targets = torch.tensor([0, 1, 3])
+    log_probs = _LinearLogProbs.apply(hidden, weight, None, targets, ("log_probs",), True)[0]
+    torch.testing.assert_close(log_probs, torch.log_softmax(logits_row, -1)[0, targets])
+    assert log_probs[0].item() < -149.9 and torch.isfinite(log_probs).all()
 
 
 def test_under_bfloat16_autocast_the_head_matches_cross_entropy_with_a_float32_trainable_head():

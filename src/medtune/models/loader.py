@@ -202,7 +202,7 @@ def attach_lora(model, lora_args):
     """Wrap `model` with a fresh LoRA adapter (see `lora_config`)."""
     from peft import get_peft_model
 
-    from medtune.models.dropout import use_fast_lora_dropout
+    from medtune.models.fast_lora import use_fast_lora
 
     config = lora_config(lora_args)
     targets = config.target_modules
@@ -210,7 +210,7 @@ def attach_lora(model, lora_args):
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"LoRA: {str(exc).splitlines()[0]}") from None
-    use_fast_lora_dropout(model)
+    use_fast_lora(model)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)", lora_args.lora_rank,
                 lora_args.lora_alpha, targets, trainable, total, 100 * trainable / total)

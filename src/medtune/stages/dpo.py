@@ -69,13 +69,13 @@ def method_trainer(training_args: DPOTrainingArguments, max_length: int):
 
 def build_trainer(training_args, data_args, model, tokenizer, train_set, eval_set, peft_config):
     """The TRL trainer for `loss_type` on datasets from `build_preference_split`."""
-    from medtune.models.dropout import use_fast_lora_dropout
+    from medtune.models.fast_lora import use_fast_lora
 
     trainer_class, args = method_trainer(training_args, data_args.max_length)
     extra = {"ref_model": None} if training_args.loss_type in DPO_LOSSES else {}
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
                             train_dataset=train_set, eval_dataset=eval_set, **extra)
-    use_fast_lora_dropout(trainer.model)  # the trainer attached the adapter (peft_config)
+    use_fast_lora(trainer.model)  # the trainer attached the adapter (peft_config)
     return trainer
 
 

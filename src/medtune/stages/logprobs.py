@@ -79,12 +79,13 @@ def _fused_chunk(hidden, head, targets, outputs):
 
 
 class _LinearLogProbs(torch.autograd.Function):
-    """log p(target) through a linear head, plus the statistics TRL logs (`outputs`), one log-softmax per chunk.
+    """log p(target) through a linear head, plus the statistics TRL logs (`outputs`), one softmax (or, with
+    statistics, one log-softmax) per chunk.
 
     Cross-entropy's own backward builds a zero [N, vocab] gradient, scatters into it, and then recomputes the
     softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the backward
-    scales the softmax in place and subtracts the target's share: d log p_t / d logits = onehot(t) - softmax. With
-    `keep_softmax` the forward keeps that softmax (sft, pt: fastest); without, the backward recomputes its chunk's
+    multiplies the softmax itself into the gradients, d log p_t / d logits = onehot(t) - softmax, with the target's
+    share added row by row on the hidden-size side. With `keep_softmax` the forward keeps that softmax (sft, pt: fastest); without, the backward recomputes its chunk's
     logits (DPO: its two replies per row make the kept softmax a large memory term). The statistics carry no
     gradient (TRL logs them) and are computed from the same log-softmax, the mean logit from the hidden state and
     the mean weight row: no second [N, vocab] tensor of logits or probabilities (TRL's DPO asks for entropy, mean
@@ -94,48 +95,73 @@ class _LinearLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, outputs, keep_softmax):
         logits = torch.nn.functional.linear(hidden, weight, bias)
         compute_dtype = logits.dtype
-        log_softmax = torch.log_softmax(logits.float(), dim=-1)
-        del logits  # the largest tensor of the step: at most two of its size live at a time
-        log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
-        is_top1 = log_softmax.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
-        mean_logits = None
-        if "mean_logits" in outputs:
-            # the mean row in the weight's dtype (reductions accumulate in float32): no float32 copy of the head
-            mean_logits = hidden.float() @ weight.mean(0).float() + (0.0 if bias is None else bias.float().mean())
-        entropy = probs = None
-        if "entropy" in outputs:  # needs log p and p at once
-            probs = log_softmax.exp()
-            entropy = -log_softmax.mul_(probs).sum(-1)
-        elif keep_softmax or "log_sum_sq_probs" in outputs:
-            probs = log_softmax.exp_()  # in place: sft and pt keep no second [N, vocab] tensor
-        log_sum_sq = (2 * torch.linalg.vector_norm(probs, dim=-1).log() if "log_sum_sq_probs" in outputs
-                      else None)
-        del log_softmax
+        if outputs == ("log_probs",):
+            log_probs, probs = _log_probs_and_softmax(logits.float(), targets, keep_softmax)
+            entropy = log_sum_sq = mean_logits = is_top1 = None
+        else:
+            log_probs, probs, (entropy, log_sum_sq, mean_logits, is_top1) = _with_statistics(
+                logits, hidden, weight, bias, targets, outputs, keep_softmax)
+        del logits
         ctx.save_for_backward(hidden, weight, bias, targets, probs if keep_softmax else None)
         # the dtype the head multiplied in (autocast may have chosen another than the weight's or the input's):
         # the backward's products run in it too, as linear's own backward would
-        ctx.used, ctx.compute_dtype = False, compute_dtype
+        ctx.compute_dtype, ctx.weight_dtype = compute_dtype, weight.dtype
         ctx.mark_non_differentiable(*(x for x in (entropy, log_sum_sq, mean_logits, is_top1) if x is not None))
         return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, *_statistics):
-        if ctx.used:  # the kept softmax became the gradient in place
-            raise RuntimeError("medtune's label-only head supports one backward pass per forward")
-        ctx.used = True
         hidden, weight, bias, targets, probs = ctx.saved_tensors
         cast = ctx.compute_dtype
         if probs is None:
             logits = torch.nn.functional.linear(hidden.to(cast), weight.to(cast), None if bias is None else bias.to(cast))
             probs = torch.softmax(logits.float(), dim=-1)
             del logits
-        grad_logits = probs.mul_(-grad_log_probs[:, None])
-        grad_logits[torch.arange(len(targets), device=targets.device), targets] += grad_log_probs
-        grad_logits = grad_logits.to(cast)
-        grad_hidden = (grad_logits @ weight.to(cast)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_logits.T @ hidden.to(cast)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        # d log p_t / d logits = (onehot(t) - softmax) * g per row. The products take g on their [N, hidden] or [N]
+        # side, so the kept softmax is only read (no pass over [N, vocab] besides the products themselves).
+        probs, weight, grad = probs.to(cast), weight.to(cast), grad_log_probs.to(cast)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (weight[targets] - probs @ weight).mul_(grad[:, None]).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            scaled = hidden.to(cast) * grad[:, None]
+            grad_weight = (probs.T @ scaled).neg_().index_add_(0, targets, scaled).to(ctx.weight_dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = (probs.T @ grad).neg_().index_add_(0, targets, grad).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _log_probs_and_softmax(logits: torch.Tensor, targets: torch.Tensor, keep_softmax: bool):
+    """(log p(target), softmax or None) from float32 `logits` [N, vocab], in one softmax pass (the kernel is faster
+    than log-softmax followed by exp). log p is read off the softmax where that is exact to float32 rounding; a
+    probability too small for that (below 2^-100, so it may have underflowed) is recomputed from its row's logits."""
+    probs = torch.softmax(logits, dim=-1)
+    target_probs = probs.gather(1, targets[:, None]).squeeze(1)
+    log_probs = target_probs.log()
+    tiny = target_probs < 2.0 ** -100
+    if tiny.any():
+        rows = logits[tiny]
+        log_probs[tiny] = rows.gather(1, targets[tiny][:, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)
+    return log_probs, probs if keep_softmax else None
+
+
+def _with_statistics(logits, hidden, weight, bias, targets, outputs, keep_softmax):
+    """(log p(target), softmax or None, (entropy, log_sum_sq_probs, mean_logits, is_top1)) from one log-softmax."""
+    log_softmax = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
+    is_top1 = log_softmax.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
+    mean_logits = None
+    if "mean_logits" in outputs:
+        # the mean row in the weight's dtype (reductions accumulate in float32): no float32 copy of the head
+        mean_logits = hidden.float() @ weight.mean(0).float() + (0.0 if bias is None else bias.float().mean())
+    entropy = probs = None
+    if "entropy" in outputs:  # needs log p and p at once
+        probs = log_softmax.exp()
+        entropy = -log_softmax.mul_(probs).sum(-1)
+    elif keep_softmax or "log_sum_sq_probs" in outputs:
+        probs = log_softmax.exp_()  # in place: no second [N, vocab] tensor
+    log_sum_sq = (2 * torch.linalg.vector_norm(probs, dim=-1).log() if "log_sum_sq_probs" in outputs else None)
+    return log_probs, probs if keep_softmax else None, (entropy, log_sum_sq, mean_logits, is_top1)
 
 
 def _plain_chunk(hidden, head, targets, outputs, keep_softmax=True):
@@ -151,8 +177,10 @@ def backbone_hidden_states(model, **kwargs) -> torch.Tensor:
 def loss_at_labelled_positions(model, labels: torch.Tensor, num_items_in_batch=None, **kwargs) -> torch.Tensor:
     """The causal-LM loss transformers computes (mean next-token cross-entropy over labelled positions, or the sum
     divided by `num_items_in_batch` under gradient accumulation), with the head run only at labelled positions."""
-    hidden = backbone_hidden_states(model, **kwargs)[:, :-1]
-    targets = labels[:, 1:].to(hidden.device)
+    hidden = backbone_hidden_states(model, **kwargs)
+    # each position's next token, IGNORE_INDEX after the last: selecting from the unsliced hidden states spares the
+    # backward a zero-filled copy of them
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(hidden.device)
     supervised = targets != IGNORE_INDEX
     log_probs = head_log_probs(model, hidden[supervised], targets[supervised])[0]
     total = log_probs.sum()  # an empty selection still gives a differentiable 0
