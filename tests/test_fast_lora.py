@@ -72,6 +72,7 @@ def first_lora_layer(model):
     return next(m for m in model.modules() if isinstance(m, Linear))
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft, for layers without a bias: expected
 @pytest.mark.parametrize("case", ["plain", "adapter disabled", "merged", "autocast", "trained base weight", "dora",
                                   "lora bias", "nn.Dropout", "adapter_names"])
 def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_model, case):
