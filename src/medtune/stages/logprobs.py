@@ -97,11 +97,13 @@ class _LinearLogProbs(torch.autograd.Function):
         compute_dtype = logits.dtype
         if outputs == ("log_probs",):
             log_probs, probs = _log_probs_and_softmax(logits.float(), targets, keep_softmax)
+            del logits
             entropy = log_sum_sq = mean_logits = is_top1 = None
         else:
+            log_softmax = torch.log_softmax(logits.float(), dim=-1)
+            del logits  # the largest tensor of the step: at most two of its size live at a time
             log_probs, probs, (entropy, log_sum_sq, mean_logits, is_top1) = _with_statistics(
-                logits, hidden, weight, bias, targets, outputs, keep_softmax)
-        del logits
+                log_softmax, hidden, weight, bias, targets, outputs, keep_softmax)
         ctx.save_for_backward(hidden, weight, bias, targets, probs if keep_softmax else None)
         # the dtype the head multiplied in (autocast may have chosen another than the weight's or the input's):
         # the backward's products run in it too, as linear's own backward would
@@ -145,9 +147,9 @@ def _log_probs_and_softmax(logits: torch.Tensor, targets: torch.Tensor, keep_sof
     return log_probs, probs if keep_softmax else None
 
 
-def _with_statistics(logits, hidden, weight, bias, targets, outputs, keep_softmax):
-    """(log p(target), softmax or None, (entropy, log_sum_sq_probs, mean_logits, is_top1)) from one log-softmax."""
-    log_softmax = torch.log_softmax(logits.float(), dim=-1)
+def _with_statistics(log_softmax, hidden, weight, bias, targets, outputs, keep_softmax):
+    """(log p(target), softmax or None, (entropy, log_sum_sq_probs, mean_logits, is_top1)) from the chunk's float32
+    log-softmax, which this overwrites."""
     log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
     is_top1 = log_softmax.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
     mean_logits = None
