@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medtune.config import parse_arguments
 from medtune.data.loading import load_records
-from medtune.stages import dpo
+from medtune.stages import dpo, pair_packing
 from medtune.stages.pair_packing import packed_pair_row, pair_attention_mask
 from medtune.stages.pair_packing import without_packed_rows as stock
 
@@ -98,15 +99,89 @@ def test_the_rejected_reply_never_sees_the_chosen_one(tiny_model, tmp_path, atte
     torch.testing.assert_close(rejected_after, rejected_before, atol=1e-6, rtol=0)
 
 
-def test_packed_row_and_mask_layout():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_row_and_mask_layout(dtype):
     ids, positions, segments = packed_pair_row([5, 6, 7], [8, 9], [10])
     assert ids.tolist() == [5, 6, 7, 8, 9, 10]
     assert positions.tolist() == [0, 1, 2, 3, 4, 3]  # the rejected reply continues the prompt
-    allowed = pair_attention_mask(segments[None], None)[0, 0]
-    assert allowed[5].tolist() == [True, True, True, False, False, True]
-    assert allowed[4].tolist() == [True, True, True, True, True, False]
-    additive = pair_attention_mask(segments[None], torch.float32)[0, 0]
-    assert additive[5, 3] == torch.finfo(torch.float32).min and additive[5, 2] == 0
+    mask = pair_attention_mask(segments[None], dtype)
+    assert mask.shape == (1, 1, 6, 6) and mask.dtype == dtype
+    allowed = (mask[0, 0] == 0).int().tolist()
+    assert set(mask.unique().tolist()) == {0, torch.finfo(dtype).min}
+    assert allowed == [[1, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0],
+                       [1, 1, 1, 1, 1, 0],
+                       [1, 1, 1, 0, 0, 1]]  # rejected (row 5) sees the prompt and itself, not chosen (3, 4)
+
+
+def lora_gradients(trainer, batch) -> tuple[float, dict]:
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    logged(trainer)
+    return loss.item(), {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["glm4", "qwen2"])
+def test_packed_loss_and_lora_gradients_equal_trls_own_path(tiny_model, tmp_path, arch, monkeypatch):
+    """The training step's loss and every LoRA gradient, with the reply tokens sent through the head in several
+    slices (the packed path) and by TRL's own two-row forward, which materialises every position's logits."""
+    monkeypatch.setattr(pair_packing, "REPLY_SLICE", 7)
+    trainer, rows = packed_trainer(tiny_model(arch), tmp_path, "sdpa")
+    trainer.model.train()
+    batch = trainer.data_collator(rows)
+    assert (batch["completion_mask"] != 0).sum() > 4 * 7  # the replies span many slices
+    packed_loss, packed = lora_gradients(trainer, batch)
+    stock_loss, expected = lora_gradients(trainer, stock(batch))
+    assert packed_loss == pytest.approx(stock_loss, abs=1e-5)
+    assert packed.keys() == expected.keys() and len(packed) > 0
+    for name, gradient in expected.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(packed[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class LargestTensorWithLastDim(TorchDispatchMode):
+    """Records the most rows of any new tensor (not a view, e.g. a weight's transpose) an operation returns whose
+    last dimension is `width`."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width, self.rows = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return result
+        for tensor in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] == self.width:
+                self.rows = max(self.rows, tensor.numel() // self.width)
+        return result
+
+
+def test_the_layers_keep_one_mask_and_the_head_scores_a_slice_at_a_time(tiny_model, tmp_path, monkeypatch):
+    """What DPO's step holds beyond SFT's: the [B, 1, L, L] mask is kept once for the backward (not one float copy
+    per layer), and no [tokens, vocab] tensor (logits, softmax, their gradient) has more than REPLY_SLICE rows."""
+    monkeypatch.setattr(pair_packing, "REPLY_SLICE", 16)
+    trainer, rows = packed_trainer(tiny_model("qwen2"), tmp_path, "sdpa")
+    trainer.model.train()
+    batch = trainer.data_collator(rows)
+    width = batch["packed_input_ids"].shape[1]
+    masks = {}
+
+    def keep(tensor):
+        if tensor.shape[-2:] == (width, width):
+            masks[tensor.untyped_storage().data_ptr()] = tensor.dtype
+        return tensor
+
+    vocab = trainer.model.get_output_embeddings().weight.shape[0]
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), LargestTensorWithLastDim(vocab) as head:
+        trainer.compute_loss(trainer.model, batch).backward()
+    logged(trainer)
+    layers = trainer.model.config.num_hidden_layers
+    assert layers > 1 and list(masks.values()) == [torch.float32]
+    assert 0 < head.rows <= 16
 
 
 def test_precomputed_reference_is_the_same_as_in_step(tiny_model, tmp_path):

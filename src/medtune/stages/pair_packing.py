@@ -7,7 +7,7 @@ again for the reference), and on CPU its fused head scores every position, promp
   after the prompt, with a segment id per token (prompt, chosen, rejected, padding);
 - the model's forward, given that row, builds a 4-D mask from the segments (causal, and rejected tokens never see
   chosen ones), runs the layers once, and sends only the hidden states that predict reply tokens through the LM head
-  (`medtune.stages.logprobs.head_log_probs`);
+  (`medtune.stages.logprobs.head_log_probs`), REPLY_SLICE of them at a time;
 - the per-token log-probs are scattered back into TRL's [chosen rows; rejected rows] layout, so TRL's
   `_compute_loss` (every loss type, its metrics, the reference pass with the adapter disabled, precomputed reference
   log-probs) runs unchanged on them. TRL's losses stay the definition; only how the log-probs are obtained changes.
@@ -28,6 +28,11 @@ from medtune.stages.logprobs import backbone_hidden_states, has_plain_head, head
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segments", "packed_hidden_index")
+# Reply tokens per call of the LM head. Each call's [tokens, vocab] logits and softmax (and their recomputation in the
+# backward) are transient, but they come on top of every layer's saved activations: at 1,024 tokens they were DPO's
+# largest term above SFT in the benchmark (about 50 MB of peak RSS on its small vocabulary, and more through the
+# allocator keeping freed blocks of that size). At 128 they are a few MB, and the measured speed is the same.
+REPLY_SLICE = 128
 
 
 def packed_pair_row(prompt: list[int], chosen: list[int], rejected: list[int]):
@@ -40,17 +45,19 @@ def packed_pair_row(prompt: list[int], chosen: list[int], rejected: list[int]):
     return ids, positions, segments
 
 
-def pair_attention_mask(segments: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """[B, 1, L, L] mask for packed pair rows: causal, except that rejected tokens do not see chosen ones.
+def pair_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask for packed pair rows (0 where a query may attend, the dtype's minimum elsewhere):
+    causal, except that rejected tokens do not see chosen ones. Every row keeps its diagonal, so no query is left
+    with nothing to attend to (padding included).
 
-    Boolean (True = may attend) for sdpa; additive (0 or the dtype's minimum) for eager, which adds the mask to the
-    scores. Every row keeps its diagonal, so no query is left with nothing to attend to (padding included)."""
+    Additive for sdpa too: given a boolean mask, torch's sdpa converts it to a float one in every layer and keeps each
+    copy for the backward (one [B, 1, L, L] float tensor per layer, ~13 MB each for 4 rows of 900 tokens); a float
+    mask is used as it is, one tensor shared by all layers. The scores are the same: a masked score's weight is
+    exactly 0 either way."""
     length = segments.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
     crossing = (segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN)
     allowed = (causal & ~crossing)[:, None]
-    if dtype is None:
-        return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed,
                                                                                        torch.finfo(dtype).min)
 
@@ -113,21 +120,28 @@ def without_packed_rows(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key not in PACKED_KEYS}
 
 
+def sliced_head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...]):
+    """`head_log_probs` over REPLY_SLICE tokens at a time, each slice's softmax recomputed in the backward rather
+    than kept (`keep_softmax=False`). `split` (not indexing) so that the backward joins the slices' gradients in one
+    concatenation instead of adding one full-size zero-padded gradient per slice."""
+    pieces = [head_log_probs(model, part, wanted, outputs, keep_softmax=False)
+              for part, wanted in zip(hidden.split(REPLY_SLICE), targets.split(REPLY_SLICE), strict=True)]
+    return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
+
+
 def packed_log_probs(model, labels: torch.Tensor, packed_input_ids, packed_position_ids, packed_segments,
                      packed_hidden_index, outputs: tuple[str, ...]):
     """TRL's FusedCausalLMOutput for its [chosen; rejected] `labels`, computed from the packed rows."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    attention = language_model(model).config._attn_implementation
-    dtype = None if attention == "sdpa" else language_model(model).dtype
+    mask = pair_attention_mask(packed_segments, language_model(model).dtype)
     hidden = backbone_hidden_states(model, input_ids=packed_input_ids, position_ids=packed_position_ids,
-                                    attention_mask=pair_attention_mask(packed_segments, dtype))
+                                    attention_mask=mask)
+    del mask  # the layers keep what their backward needs
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != -100
-    # keep_softmax=False: the backward recomputes the head's softmax rather than keeping one per reply token
-    per_token = head_log_probs(model, hidden[packed_hidden_index[scored]], targets[scored], outputs,
-                               keep_softmax=False)
+    per_token = sliced_head_log_probs(model, hidden[packed_hidden_index[scored]], targets[scored], outputs)
     # masked_scatter keeps the result attached to the graph even when nothing is scored
     log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(scored.shape).masked_scatter(scored, x) for x in per_token)
