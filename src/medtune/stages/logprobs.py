@@ -49,25 +49,28 @@ def has_plain_head(model) -> bool:
 
 
 def head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",),
-                   keep_softmax: bool = True):
+                   keep_softmax: bool = True, token_chunk: int = TOKEN_CHUNK):
     """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of `targets` [N] given `hidden` [N, H] through
     the model's LM head, only the requested optional fields filled (the fields of TRL's FusedCausalLMOutput).
 
-    With Triton (CUDA, XPU): TRL's fused kernel, which recomputes each logits tile in its backward, so no [N, vocab]
-    tensor outlives a chunk. Elsewhere (CPU): `_LinearLogProbs` over chunks of TOKEN_CHUNK rows, for the given rows
-    only, keeping each chunk's softmax for the backward (`keep_softmax`, when a backward can follow) or recomputing
-    it there; the kernel's torch fallback is several times slower per token on CPU."""
+    With Triton (CUDA, XPU): TRL's fused kernel over chunks of TOKEN_CHUNK rows, which recomputes each logits tile
+    in its backward, so no [N, vocab] tensor outlives a chunk. Elsewhere (CPU): `_LinearLogProbs` over chunks of
+    `token_chunk` rows, for the given rows only, keeping each chunk's softmax for the backward (`keep_softmax`, when
+    a backward can follow) or recomputing it there (then a small `token_chunk` keeps the transient [chunk, vocab]
+    tensors small too); the kernel's torch fallback is several times slower per token on CPU."""
     from trl.kernels.chunked_logprob import _use_triton
 
     head = language_model(model).get_output_embeddings()
     hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
     if _use_triton(hidden.device):
-        chunk = _fused_chunk
+        chunk, token_chunk = _fused_chunk, TOKEN_CHUNK
     else:
         keep = keep_softmax and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
         chunk = functools.partial(_plain_chunk, keep_softmax=keep)
-    pieces = [chunk(hidden[start:start + TOKEN_CHUNK], head, targets[start:start + TOKEN_CHUNK], outputs)
-              for start in range(0, max(len(hidden), 1), TOKEN_CHUNK)]
+    # split, not indexing: the backward joins the chunks' gradients in one concatenation instead of adding a
+    # zero-padded full-size gradient per chunk (nothing to score: one empty chunk, still attached to the graph)
+    pieces = [chunk(part, head, wanted, outputs)
+              for part, wanted in zip(hidden.split(token_chunk), targets.split(token_chunk), strict=True)]
     return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
 
 

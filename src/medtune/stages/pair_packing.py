@@ -120,15 +120,6 @@ def without_packed_rows(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key not in PACKED_KEYS}
 
 
-def sliced_head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...]):
-    """`head_log_probs` over REPLY_SLICE tokens at a time, each slice's softmax recomputed in the backward rather
-    than kept (`keep_softmax=False`). `split` (not indexing) so that the backward joins the slices' gradients in one
-    concatenation instead of adding one full-size zero-padded gradient per slice."""
-    pieces = [head_log_probs(model, part, wanted, outputs, keep_softmax=False)
-              for part, wanted in zip(hidden.split(REPLY_SLICE), targets.split(REPLY_SLICE), strict=True)]
-    return tuple(None if field[0] is None else torch.cat(field) for field in zip(*pieces))
-
-
 def packed_log_probs(model, labels: torch.Tensor, packed_input_ids, packed_position_ids, packed_segments,
                      packed_hidden_index, outputs: tuple[str, ...]):
     """TRL's FusedCausalLMOutput for its [chosen; rejected] `labels`, computed from the packed rows."""
@@ -141,7 +132,9 @@ def packed_log_probs(model, labels: torch.Tensor, packed_input_ids, packed_posit
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].to(hidden.device)
     scored = targets != -100
-    per_token = sliced_head_log_probs(model, hidden[packed_hidden_index[scored]], targets[scored], outputs)
+    # keep_softmax=False: the backward recomputes each slice's softmax rather than keeping one per reply token
+    per_token = head_log_probs(model, hidden[packed_hidden_index[scored]], targets[scored], outputs,
+                               keep_softmax=False, token_chunk=REPLY_SLICE)
     # masked_scatter keeps the result attached to the graph even when nothing is scored
     log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(scored.shape).masked_scatter(scored, x) for x in per_token)
