@@ -1,9 +1,10 @@
 """Training throughput, one JSON line per run, on the embedded tiny model and bundled data or on --model/--data.
 
     python benchmarks/train_throughput.py --stage pt  [--steps 60] [--block_size 128] [--batch_size 8]
-    python benchmarks/train_throughput.py --stage sft [--steps 40] [--batch_size 4]
+    python benchmarks/train_throughput.py --stage sft [--epochs 2] [--batch_size 4]
         (medtune packing; the same packed rows with an explicit 4-D block-diagonal mask, the non-leaking packing
-         baseline users know; no packing, length-grouped)
+         baseline users know; no packing, length-grouped: every mode trains the same conversations for the same
+         number of epochs, so every mode computes the same supervised tokens)
     python benchmarks/train_throughput.py --stage dpo [--steps 10] [--batch_size 4] [--pairs 500]
         (LoRA SFT, TRL's stock DPO path, medtune's DPO path: each in its own process; then a summary line)
 
@@ -107,15 +108,17 @@ def bench_pt(args, label_only: bool) -> dict:
 
 
 class CountingCollator:
-    """Wraps a collator to count every computed position and the real (non-padding) tokens among them."""
+    """Wraps a collator to count every computed position, the real (non-padding) tokens among them and the
+    samples (packed rows or conversations)."""
 
     def __init__(self, inner):
-        self.inner, self.computed, self.real = inner, 0, 0
+        self.inner, self.computed, self.real, self.samples = inner, 0, 0, 0
 
     def __call__(self, features):
         batch = self.inner(features)
         self.computed += batch["input_ids"].numel()
         self.real += sum(len(f["input_ids"]) for f in features)
+        self.samples += len(features)
         return batch
 
 
@@ -142,8 +145,9 @@ class BlockDiagonalMaskCollator:
 
 
 def bench_sft(args, mode: str, label_only: bool = True) -> dict:
-    """mode: packed (medtune), padded (length-grouped), packed_4d_mask (the baseline above). With
-    `args.sft_companion` (dpo's memory reference): no tiny config, the default LoRA, rows up to max_length."""
+    """mode: packed (medtune), padded (length-grouped), packed_4d_mask (the baseline above), for `args.epochs` over
+    the conversations, or `args.steps` optimizer steps when given. With `args.sft_companion` (dpo's memory
+    reference): no tiny config, the default LoRA, rows up to max_length."""
     import medtune.stages.sft as sft_stage
     from medtune.config import parse_arguments
     from medtune.data import collators
@@ -160,9 +164,12 @@ def bench_sft(args, mode: str, label_only: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         recipe = (["--model_max_length", str(args.max_length)] if args.sft_companion
                   else ["--config", str(REPO / "configs" / "sft_tiny.yaml")])
-        argv = [*recipe, "--output_dir", scratch, "--report_to", "none", "--data_cache_dir", scratch,
-                "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
-                "--validation_split_percentage", "0", "--save_strategy", "no", "--logging_steps", str(args.steps),
+        length = ["--max_steps", str(args.steps)] if args.steps else ["--max_steps", "-1", "--num_train_epochs",
+                                                                      str(args.epochs)]
+        argv = [*recipe, "--output_dir", scratch, "--report_to", "none", "--data_cache_dir", scratch, *length,
+                "--per_device_train_batch_size", str(args.batch_size),
+                "--validation_split_percentage", "0", "--save_strategy", "no",
+                "--logging_steps", str(args.steps or 1_000_000),
                 "--packing", str(packing).lower(), "--loss_only_labels", str(label_only).lower(),
                 "--varlen_attention", str(label_only).lower(),
                 *model_and_data(args)]
@@ -187,12 +194,14 @@ def bench_sft(args, mode: str, label_only: bool = True) -> dict:
         "stage": "sft",
         "mode": mode,
         "loss_only_labels": label_only,
-        "steps": args.steps,
+        "steps": state["global_step"],
+        "epochs": round(state["epoch"], 3),
         "batch_size": args.batch_size,
+        "real_tokens": counter.real,
         "tokens_per_s": round(counter.computed / runtime, 1),
         "real_tokens_per_s": round(counter.real / runtime, 1),
         "real_token_fraction": round(counter.real / counter.computed, 4),
-        "samples_per_s": round(args.steps * args.batch_size / runtime, 2),
+        "samples_per_s": round(counter.samples / runtime, 2),
         "train_runtime_s": round(runtime, 2),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -362,7 +371,8 @@ def compare_dpo(args, out) -> None:
 def passed_on(args) -> list[str]:
     """This run's settings, for a run of one path in its own process (the first run in a process warms caches
     and the allocator for the second, which would bias the ratio)."""
-    return ["--stage", args.stage, "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--block_size",
+    return ["--stage", args.stage, *(["--steps", str(args.steps)] if args.steps else []), "--epochs", str(args.epochs),
+            "--batch_size", str(args.batch_size), "--block_size",
             str(args.block_size), *(["--model", args.model] if args.model else []),
             *(["--data", args.data] if args.data else [])]
 
@@ -398,7 +408,10 @@ def main() -> int:
     parser.add_argument("--loss_only_labels", choices=["both", "true", "false"], default="both",
                         help="pt/sft: the LM head at labelled positions only, transformers' own loss, or both.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps (default: pt 60, sft 40, dpo 10).")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Optimizer steps (default: pt 60, dpo 10; sft: --epochs instead).")
+    parser.add_argument("--epochs", type=float, default=2.0,
+                        help="sft without --steps: epochs over the conversations, the same for every mode.")
     parser.add_argument("--block_size", type=int, default=128, help="pt only.")
     parser.add_argument("--batch_size", type=int, default=None, help="Per-device batch (default: pt 8, sft/dpo 4).")
     parser.add_argument("--sft_modes", default="packed,packed_4d_mask,padded",
@@ -429,8 +442,8 @@ def main() -> int:
                 return 0
             compare_dpo(args, out)
             return 0
-        args.steps, args.batch_size = args.steps or 40, args.batch_size or 4
-        if args.worker:  # dpo's memory reference
+        args.batch_size = args.batch_size or 4
+        if args.worker:  # dpo's memory reference (its --steps)
             print(json.dumps(bench_sft(args, "padded")), file=out)
             return 0
         runs = []
