@@ -1,6 +1,6 @@
 """Training throughput, one JSON line per run, on the embedded tiny model and bundled data or on --model/--data.
 
-    python benchmarks/train_throughput.py --stage pt  [--steps 60] [--block_size 128] [--batch_size 8]
+    python benchmarks/train_throughput.py --stage pt  [--steps 120] [--block_size 128] [--batch_size 8]
     python benchmarks/train_throughput.py --stage sft [--epochs 2] [--batch_size 4]
         (medtune packing; the same packed rows with an explicit 4-D block-diagonal mask, the non-leaking packing
          baseline users know; no packing, length-grouped: every mode trains the same conversations for the same
@@ -409,7 +409,7 @@ def main() -> int:
                         help="pt/sft: the LM head at labelled positions only, transformers' own loss, or both.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None,
-                        help="Optimizer steps (default: pt 60, dpo 10; sft: --epochs instead).")
+                        help="Optimizer steps (default: pt 120, dpo 10; sft: --epochs instead).")
     parser.add_argument("--epochs", type=float, default=2.0,
                         help="sft without --steps: epochs over the conversations, the same for every mode.")
     parser.add_argument("--block_size", type=int, default=128, help="pt only.")
@@ -425,7 +425,7 @@ def main() -> int:
     flags = {"both": (False, True), "true": (True,), "false": (False,)}[args.loss_only_labels]
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints metric tables; stdout carries JSON only
         if args.stage == "pt":
-            args.steps, args.batch_size = args.steps or 60, args.batch_size or 8
+            args.steps, args.batch_size = args.steps or 120, args.batch_size or 8
             if len(flags) == 1:
                 print(json.dumps(bench_pt(args, flags[0])), file=out)
                 return 0
