@@ -74,7 +74,7 @@ def first_lora_layer(model):
 
 @pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft, for layers without a bias: expected
 @pytest.mark.parametrize("case", ["plain", "adapter disabled", "merged", "autocast", "trained base weight", "dora",
-                                  "lora bias", "nn.Dropout", "adapter_names"])
+                                  "lora bias", "nn.Dropout", "adapter_names", "ZeRO-3 partitioned"])
 def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_model, case):
     config = {"dora": {"use_dora": True}, "lora bias": {"lora_bias": True}}.get(case, {})
     model = peft_model(tiny_model, "qwen2", 0.1, **config)
@@ -92,6 +92,8 @@ def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_mo
         context = torch.autocast("cpu", dtype=torch.bfloat16)
     elif case == "trained base weight":
         layer.get_base_layer().weight.requires_grad_(True)
+    elif case == "ZeRO-3 partitioned":  # what DeepSpeed marks a partitioned parameter with (gathered by its hooks)
+        layer.get_base_layer().weight.ds_id = 0
     elif case == "adapter_names":
         kwargs = {"adapter_names": ["default"] * 3}
     with context, torch.no_grad():

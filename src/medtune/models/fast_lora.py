@@ -14,7 +14,8 @@ GLM-4, CPU time single-threaded).
 Only the plain case takes this path: a training-or-eval forward on CPU without autocast, one active vanilla adapter
 (no DoRA or other variant, no LoRA bias) on an `nn.Linear` whose weight is frozen, every tensor in one dtype, the
 dropout a `FastDropout` or none. Anything else (CUDA, where peft's kernels are fused already; a quantised base; mixed
-adapters; merged weights; disabled adapters, e.g. DPO's reference pass) runs peft's own forward.
+adapters; merged weights; disabled adapters, e.g. DPO's reference pass; ZeRO-3-partitioned weights) runs peft's
+own forward.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ def _fused_adapter(layer, inputs: torch.Tensor, args: tuple, kwargs: dict):
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     p = _dropout_probability(layer.lora_dropout[name])
     tensors = (inputs, base.weight, lora_a, lora_b) + (() if base.bias is None else (base.bias,))
+    # DeepSpeed ZeRO-3 partitions parameters (`ds_id`) and gathers each one in its own module's forward hook, which
+    # reading the weights here would bypass
     if (p is None or inputs.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-            or len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1):
+            or len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1
+            or any(hasattr(t, "ds_id") for t in tensors)):
         return None
     return base, lora_a, lora_b, layer.scaling[name], p
 
