@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from medtune.models import fast_lora
 from medtune.models.dropout import use_fast_lora_dropout
-from medtune.models.fast_lora import _fused_adapter, fused_forward, use_fast_lora
+from medtune.models.fast_lora import FusedLoraLinear, _fused_adapter, use_fast_lora
 
 
 def peft_model(tiny_model, arch: str, rate: float, **config):
@@ -34,16 +35,22 @@ def loss_and_gradients(model, ids, seed: int = 1, checkpointing: bool = False):
 
 
 @pytest.mark.parametrize("arch,rate", [("qwen2", 0.1), ("glm4", 0.05), ("llama", 0.0)])
-def test_fused_layers_give_peft_s_loss_and_gradients(tiny_model, arch, rate):
+def test_fused_layers_give_peft_s_loss_and_gradients(tiny_model, monkeypatch, arch, rate):
     """qwen2's q/k/v have a bias, glm4's fused gate_up is 2x wider than its input, llama runs without dropout."""
     reference = peft_model(tiny_model, arch, rate)
     fused = copy.deepcopy(reference)
     use_fast_lora_dropout(reference)  # the same FastDropout masks, through peft's forward
-    assert use_fast_lora(fused) == sum(isinstance(m, nn.ModuleDict) for m in [
-        getattr(m, "lora_A", None) for m in fused.modules()])
+    layers = use_fast_lora(fused)
+    assert layers == sum(isinstance(m, nn.ModuleDict) for m in [getattr(m, "lora_A", None) for m in fused.modules()])
     ids = torch.randint(3, 200, (2, 24))
     expected_loss, expected = loss_and_gradients(reference, ids)
+    drops = []  # the drop probability of every fused call: the training forward takes the fused path, dropout included
+    original = fast_lora._FusedLoraLinear.forward
+    monkeypatch.setattr(fast_lora._FusedLoraLinear, "forward",
+                        staticmethod(lambda ctx, *args: drops.append(args[-1]) or original(ctx, *args)))
     loss, gradients = loss_and_gradients(fused, ids)
+    monkeypatch.undo()
+    assert len(drops) == layers and set(drops) == {fast_lora.quantised_probability(rate)}
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
     assert gradients.keys() == expected.keys() and any("lora_A" in name for name in gradients)
     for name, gradient in gradients.items():
@@ -96,10 +103,12 @@ def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_mo
         layer.get_base_layer().weight.ds_id = 0
     elif case == "adapter_names":
         kwargs = {"adapter_names": ["default"] * 3}
+    peft_forward = type(layer).forward
+    layer.__class__ = FusedLoraLinear
     with context, torch.no_grad():
         plain = _fused_adapter(layer, inputs, (), kwargs) is not None
-        expected = type(layer).forward(layer, inputs, **kwargs)
-        output = fused_forward(layer, inputs, **kwargs)
+        expected = peft_forward(layer, inputs, **kwargs)
+        output = layer(inputs, **kwargs)
     assert plain == (case == "plain")
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
 
@@ -114,4 +123,20 @@ def test_stages_attach_fused_layers(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model("glm4"), dtype=torch.float32)
     model = attach_lora(model, LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.1))
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    assert layers and all(m.forward.__func__ is fused_forward for m in layers)
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+
+
+def test_a_model_with_fused_layers_pickles_and_computes_the_same(tiny_model):
+    import io
+
+    model = peft_model(tiny_model, "qwen2", 0.1)
+    use_fast_lora(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert {type(m) for m in loaded.modules()} >= {FusedLoraLinear}
+    ids = torch.randint(3, 200, (1, 12))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -13,16 +13,17 @@ GLM-4, CPU time single-threaded).
 
 Only the plain case takes this path: a training-or-eval forward on CPU without autocast, one active vanilla adapter
 (no DoRA or other variant, no LoRA bias) on an `nn.Linear` whose weight is frozen, every tensor in one dtype, the
-dropout a `FastDropout` or none. Anything else (CUDA, where peft's kernels are fused already; a quantised base; mixed
+dropout a `FastDropout` or none. Anything else (CUDA, where these passes are cheap and this path is unmeasured; a quantised base; mixed
 adapters; merged weights; disabled adapters, e.g. DPO's reference pass; ZeRO-3-partitioned weights) runs peft's
-own forward.
+own forward. On the fused path the forward hooks of the base layer and of `lora_A`/`lora_B` do not run (the LoRA
+layer's own do): a tool that hooks those submodules (activation capture, pruning) sees nothing of CPU training
+steps.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from medtune.models.dropout import (
@@ -99,27 +100,28 @@ def _fused_adapter(layer, inputs: torch.Tensor, args: tuple, kwargs: dict):
     return base, lora_a, lora_b, layer.scaling[name], p
 
 
-def fused_forward(self, inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's `lora.Linear.forward`, computed by `_FusedLoraLinear` in the plain case (see the module docstring)."""
-    plain = _fused_adapter(self, inputs, args, kwargs)
-    if plain is None:
-        return type(self).forward(self, inputs, *args, **kwargs)
-    base, lora_a, lora_b, scaling, p = plain
-    flat = inputs.reshape(-1, inputs.shape[-1])
-    output = _FusedLoraLinear.apply(flat, base.weight, base.bias, lora_a, lora_b, scaling, p)
-    return output.view(*inputs.shape[:-1], output.shape[-1])
+class FusedLoraLinear(LoraLinear):
+    """peft's `lora.Linear`, computed by `_FusedLoraLinear` in the plain case (see the module docstring). A class
+    (set on existing layers by `use_fast_lora`) rather than a per-instance forward, so models still pickle."""
+
+    def forward(self, inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plain = _fused_adapter(self, inputs, args, kwargs)
+        if plain is None:
+            return super().forward(inputs, *args, **kwargs)
+        base, lora_a, lora_b, scaling, p = plain
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        output = _FusedLoraLinear.apply(flat, base.weight, base.bias, lora_a, lora_b, scaling, p)
+        return output.view(*inputs.shape[:-1], output.shape[-1])
 
 
 def use_fast_lora(model) -> int:
     """FastDropout in front of every LoRA adapter of `model` (`use_fast_lora_dropout`) and the fused forward on
-    every peft LoRA `Linear`; returns how many layers got the fused forward (each decides per call whether its case
-    is plain)."""
-    from peft.tuners.lora import Linear as LoraLinear
-
+    every peft LoRA `Linear` (exactly that class: subclasses keep theirs); returns how many layers got the fused
+    forward (each decides per call whether its case is plain)."""
     use_fast_lora_dropout(model)
     fused = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear) and type(module).forward is LoraLinear.forward:
-            module.forward = types.MethodType(fused_forward, module)
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
             fused += 1
     return fused
