@@ -87,8 +87,8 @@ class _LinearLogProbs(torch.autograd.Function):
 
     Cross-entropy's own backward builds a zero [N, vocab] gradient, scatters into it, and then recomputes the
     softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the backward
-    multiplies the softmax itself into the gradients, d log p_t / d logits = onehot(t) - softmax, with the target's
-    share added row by row on the hidden-size side. With `keep_softmax` the forward keeps that softmax (sft, pt: fastest); without, the backward recomputes its chunk's
+    subtracts the targets' one-hot from the softmax in place (N entries) and multiplies it into the gradients, the
+    loss's row factor applied on the hidden-size side. With `keep_softmax` the forward keeps that softmax (sft, pt: fastest); without, the backward recomputes its chunk's
     logits (DPO: its two replies per row make the kept softmax a large memory term). The statistics carry no
     gradient (TRL logs them) and are computed from the same log-softmax, the mean logit from the hidden state and
     the mean weight row: no second [N, vocab] tensor of logits or probabilities (TRL's DPO asks for entropy, mean
@@ -110,29 +110,33 @@ class _LinearLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, probs if keep_softmax else None)
         # the dtype the head multiplied in (autocast may have chosen another than the weight's or the input's):
         # the backward's products run in it too, as linear's own backward would
-        ctx.compute_dtype, ctx.weight_dtype = compute_dtype, weight.dtype
+        ctx.used, ctx.kept, ctx.compute_dtype, ctx.weight_dtype = False, keep_softmax, compute_dtype, weight.dtype
         ctx.mark_non_differentiable(*(x for x in (entropy, log_sum_sq, mean_logits, is_top1) if x is not None))
         return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, *_statistics):
+        if ctx.used:  # the kept softmax became softmax - onehot in place
+            raise RuntimeError("medtune's label-only head supports one backward pass per forward")
+        ctx.used = ctx.kept
         hidden, weight, bias, targets, probs = ctx.saved_tensors
         cast = ctx.compute_dtype
         if probs is None:
             logits = torch.nn.functional.linear(hidden.to(cast), weight.to(cast), None if bias is None else bias.to(cast))
             probs = torch.softmax(logits.float(), dim=-1)
             del logits
-        # d log p_t / d logits = (onehot(t) - softmax) * g per row. The products take g on their [N, hidden] or [N]
-        # side, so the kept softmax is only read (no pass over [N, vocab] besides the products themselves).
-        probs, weight, grad = probs.to(cast), weight.to(cast), grad_log_probs.to(cast)
+        # d log p_t / d logits = -(softmax - onehot(t)), formed in float32 on the N target entries only (in bfloat16 a
+        # confident p_t would round to 1 and its gradient vanish); the row factor g goes on the [N, hidden] or [N]
+        # side of each product, so there is no pass over [N, vocab] besides the products themselves
+        probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+        shifted, grad = probs.to(cast), -grad_log_probs.to(cast)
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = (weight[targets] - probs @ weight).mul_(grad[:, None]).to(hidden.dtype)
+            grad_hidden = (shifted @ weight.to(cast)).mul_(grad[:, None]).to(hidden.dtype)
         if ctx.needs_input_grad[1]:
-            scaled = hidden.to(cast) * grad[:, None]
-            grad_weight = (probs.T @ scaled).neg_().index_add_(0, targets, scaled).to(ctx.weight_dtype)
+            grad_weight = (shifted.T @ (hidden.to(cast) * grad[:, None])).to(ctx.weight_dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = (probs.T @ grad).neg_().index_add_(0, targets, grad).to(bias.dtype)
+            grad_bias = (shifted.T @ grad).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
