@@ -162,14 +162,6 @@ def test_lora_dpo_keeps_one_copy_of_the_weights(glm4_dir, tmp_path):
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
     dropouts = [m for m in trainer.model.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and all(type(m) is FastDropout for m in dropouts)  # the adapter TRL attached drops cheaply
-    import torch
-
-    from medtune.models.fast_lora import FusedLoraLinear, _fused_adapter
-
-    layer = next(m for m in trainer.model.modules() if isinstance(m, FusedLoraLinear))
-    trainer.model.train()  # TRL's disable_dropout left p = 0: the training forward still takes the fused path
-    assert layer.lora_dropout["default"].p == 0
-    assert _fused_adapter(layer, torch.randn(2, layer.in_features), (), {}) is not None
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * sum(
         p.numel() for p in trainer.model.parameters())
 

@@ -81,8 +81,7 @@ def first_lora_layer(model):
 
 @pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft, for layers without a bias: expected
 @pytest.mark.parametrize("case", ["plain", "adapter disabled", "merged", "autocast", "trained base weight", "dora",
-                                  "lora bias", "nn.Dropout", "adapter_names", "ZeRO-3 partitioned",
-                                  "dropout disabled"])
+                                  "lora bias", "nn.Dropout", "adapter_names", "ZeRO-3 partitioned"])
 def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_model, case):
     config = {"dora": {"use_dora": True}, "lora bias": {"lora_bias": True}}.get(case, {})
     model = peft_model(tiny_model, "qwen2", 0.1, **config)
@@ -100,9 +99,6 @@ def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_mo
         context = torch.autocast("cpu", dtype=torch.bfloat16)
     elif case == "trained base weight":
         layer.get_base_layer().weight.requires_grad_(True)
-    elif case == "dropout disabled":  # TRL's disable_dropout sets p = 0 on the FastDropout: still plain
-        layer.train()
-        layer.lora_dropout["default"].p = 0.0
     elif case == "ZeRO-3 partitioned":  # what DeepSpeed marks a partitioned parameter with (gathered by its hooks)
         layer.get_base_layer().weight.ds_id = 0
     elif case == "adapter_names":
@@ -113,7 +109,7 @@ def test_only_the_plain_case_is_fused_and_every_case_keeps_peft_s_output(tiny_mo
         plain = _fused_adapter(layer, inputs, (), kwargs) is not None
         expected = peft_forward(layer, inputs, **kwargs)
         output = layer(inputs, **kwargs)
-    assert plain == (case in ("plain", "dropout disabled"))
+    assert plain == (case == "plain")
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -72,7 +72,7 @@ def _dropout_probability(dropout: nn.Module) -> float | None:
     if isinstance(dropout, nn.Identity):
         return 0.0
     if type(dropout) is FastDropout:
-        if not dropout.training or dropout.p == 0:  # p = 0: e.g. TRL's disable_dropout (DPO's default)
+        if not dropout.training:
             return 0.0
         realised = quantised_probability(dropout.p)
         return realised if 0 < realised < 1 else None  # where FastDropout itself falls back to nn.Dropout
