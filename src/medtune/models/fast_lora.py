@@ -3,18 +3,16 @@
 peft computes a LoRA linear layer as `base(x) + lora_B(lora_A(dropout(x))) * scaling`: besides the three matrix
 products, two elementwise passes over the [tokens, out_features] output in the forward (the scaling, the sum) and
 one more in the backward (the scaling again), and autograd adds the adapter's input gradient to the base layer's in a
-further pass over [tokens, in_features]. On the tiny models these passes cost about a fifth of a LoRA layer's step.
-`_FusedLoraLinear` computes the same function with the scaling applied by the product that writes the output
+further pass over [tokens, in_features]. `_FusedLoraLinear` computes the same function with the scaling applied by the product that writes the output
 (`addmm`'s alpha) and the adapter's input gradient accumulated into the base layer's as it is formed (`addcmul_`);
 the dropout mask is FastDropout's (`medtune.models.dropout`). It saves what peft's path saves for the backward (the
 dropped input, the rank-r activations) and the dropout's float mask rather than its 16-bit random draws: 2 bytes
-more per input element, which spares the backward rebuilding the mask (about 2% of a packed SFT step on the tiny
-GLM-4, CPU time single-threaded).
+more per input element, which spares the backward rebuilding the mask.
 
 Only the plain case takes this path: a training-or-eval forward on CPU without autocast, one active vanilla adapter
 (no DoRA or other variant, no LoRA bias) on an `nn.Linear` whose weight is frozen, every tensor in one dtype, the
-dropout a `FastDropout` or none. Anything else (CUDA, where these passes are cheap and this path is unmeasured; a quantised base; mixed
-adapters; merged weights; disabled adapters, e.g. DPO's reference pass; ZeRO-3-partitioned weights) runs peft's
+dropout a `FastDropout` or none. Anything else (CUDA, where these passes are cheap and this path is unmeasured;
+a quantised base; mixed adapters; merged weights; disabled adapters, e.g. DPO's reference pass; ZeRO-3-partitioned weights) runs peft's
 own forward. On the fused path the forward hooks of the base layer and of `lora_A`/`lora_B` do not run (the LoRA
 layer's own do): a tool that hooks those submodules (activation capture, pruning) sees nothing of CPU training
 steps.

@@ -88,8 +88,8 @@ class _LinearLogProbs(torch.autograd.Function):
     Cross-entropy's own backward builds a zero [N, vocab] gradient, scatters into it, and then recomputes the
     softmax from the saved log-softmax: three more passes over the largest tensor of the step. Here the backward
     subtracts the targets' one-hot from the softmax in place (N entries) and multiplies it into the gradients, the
-    loss's row factor applied on the hidden-size side. With `keep_softmax` the forward keeps that softmax (sft, pt: fastest); without, the backward recomputes its chunk's
-    logits (DPO: its two replies per row make the kept softmax a large memory term). The statistics carry no
+    loss's row factor applied on the hidden-size side. With `keep_softmax` the forward keeps that softmax (sft, pt:
+    fastest); without, the backward recomputes its chunk's logits (DPO: its two replies per row make the kept softmax a large memory term). The statistics carry no
     gradient (TRL logs them) and are computed from the same log-softmax, the mean logit from the hidden state and
     the mean weight row: no second [N, vocab] tensor of logits or probabilities (TRL's DPO asks for entropy, mean
     logit and top-1 on every step; computing them from separate logits was DPO's largest memory term)."""
